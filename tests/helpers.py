@@ -1,0 +1,121 @@
+"""Shared helpers for the template's suite: rendering, answer sets, interpreters, ports, processes."""
+
+from __future__ import annotations
+
+import glob
+import os
+import socket
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from copier import run_copy
+
+ROOT = Path(__file__).resolve().parent.parent
+PYENV_ROOT = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+UV = ROOT / ".tools" / "bin" / "uv"
+
+
+@dataclass(frozen=True)
+class Combo:
+    """One answer set of the matrix; its id doubles as the pytest id, so a CI line re-runs as is."""
+
+    deployment: str
+    postgres: bool
+    redis: bool
+    sentry: bool
+    python_version: str
+    workers: int
+
+    @property
+    def id(self) -> str:
+        parts = [self.deployment]
+        parts += [name for name in ("postgres", "redis", "sentry") if getattr(self, name)]
+        parts += [f"py{self.python_version}", f"w{self.workers}"]
+        return "-".join(parts)
+
+    @property
+    def answers(self) -> dict[str, Any]:
+        return {
+            "deployment": self.deployment,
+            "postgres": self.postgres,
+            "redis": self.redis,
+            "sentry": self.sentry,
+            "python_version": self.python_version,
+            "workers": self.workers,
+        }
+
+
+def _matrix() -> list[Combo]:
+    versions = ("3.11", "3.12", "3.13")
+    workers = (0, 1, 2, 3)
+    combos = []
+    index = 0
+    for deployment in ("docker", "systemd"):
+        for postgres in (False, True):
+            for redis in (False, True):
+                for sentry in (False, True):
+                    combos.append(
+                        Combo(
+                            deployment,
+                            postgres,
+                            redis,
+                            sentry,
+                            versions[index % len(versions)],
+                            workers[index % len(workers)],
+                        )
+                    )
+                    index += 1
+    return combos
+
+
+COMBOS: list[Combo] = _matrix()
+COMBO_IDS = [c.id for c in COMBOS]
+ALL_ENABLED = {
+    d: next(c for c in COMBOS if c.deployment == d and c.postgres and c.redis and c.sentry)
+    for d in ("docker", "systemd")
+}
+
+
+def render(dst: Path, answers: Mapping[str, Any] | None = None, **kwargs: Any) -> Path:
+    """Render the working tree of the template (uncommitted changes included) into dst."""
+    run_copy(
+        str(ROOT),
+        str(dst),
+        data=dict(answers or {}),
+        defaults=True,
+        unsafe=True,
+        vcs_ref="HEAD",
+        quiet=True,
+        **kwargs,
+    )
+    return dst
+
+
+def python_for(version: str) -> Path:
+    """The pyenv interpreter for a minor version; fails loudly when the machine lacks it."""
+    candidates = sorted(glob.glob(str(PYENV_ROOT / "versions" / f"{version}.*" / "bin" / f"python{version}")))
+    if not candidates:
+        raise RuntimeError(f"no Python {version} under {PYENV_ROOT}/versions: install it with pyenv")
+    return Path(candidates[-1])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run(cmd: list[str] | str, cwd: Path | None = None, env: Mapping[str, str] | None = None,
+        timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a command, and on failure raise with its whole output so the CI log says why."""
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=dict(env) if env is not None else None, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout,
+        shell=isinstance(cmd, str),
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd!r} exited {proc.returncode} in {cwd}:\n{proc.stdout}")
+    return proc
