@@ -13,6 +13,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +28,8 @@ from .helpers import ROOT, free_port, python_for, run
 from .servers import Redis
 
 pytestmark = pytest.mark.update
+
+TOOLS = Path(sys.executable).parent  # the template's dev environment: pre-commit and its hooks
 
 CONFLICT_MARKER = re.compile(rb"^(<<<<<<<|>>>>>>>)( |$)", re.MULTILINE)
 # Never part of a snapshot: VCS, environments, caches, outputs.
@@ -145,6 +148,38 @@ def unmerged(dst: Path) -> list[str]:
     return git("diff", "--name-only", "--diff-filter=U", cwd=dst).split()
 
 
+def pre_commit_config(dst: Path) -> dict[str, Any]:
+    return yaml.safe_load((dst / ".pre-commit-config.yaml").read_text())
+
+
+def run_offline_hooks(dst: Path, tmp: Path) -> subprocess.CompletedProcess[str]:
+    """Run the generated config's self-contained local hooks (pygrep, fail) on the staged tree.
+
+    Remote hook repositories need a clone from the network; these need nothing.
+    """
+    hooks = [hook for repo in pre_commit_config(dst)["repos"] if repo["repo"] == "local"
+             for hook in repo["hooks"] if hook.get("language") in {"pygrep", "fail"}]
+    config = tmp / "offline-hooks.yaml"
+    config.write_text(yaml.safe_dump({"repos": [{"repo": "local", "hooks": hooks}]}))
+    env = {**os.environ, "PRE_COMMIT_HOME": str(tmp / "pre-commit-home")}
+    return run([str(TOOLS / "pre-commit"), "run", "--config", str(config), "--all-files"],
+               cwd=dst, env=env, check=False)
+
+
+def conflict_marker_hook_catches(dst: Path, tmp: Path, path: str) -> bool:
+    """Whether a hook of the generated pre-commit config fails on path's conflict markers."""
+    for repo in pre_commit_config(dst)["repos"]:
+        for hook in repo["hooks"]:
+            if hook["id"] == "check-merge-conflict":
+                # Copier writes markers outside a git merge: the hook needs --assume-in-merge.
+                args = [*hook.get("args", []), path]
+                checked = run([str(TOOLS / "check-merge-conflict"), *args], cwd=dst, check=False)
+                if checked.returncode != 0:
+                    return True
+    offline = run_offline_hooks(dst, tmp)
+    return offline.returncode != 0 and path in offline.stdout
+
+
 def uv() -> str:
     for candidate in (ROOT / ".tools" / "bin" / "uv", Path("/tmp/uvvenv/bin/uv")):
         if candidate.exists():
@@ -222,11 +257,9 @@ def test_update_brings_template_changes_and_keeps_every_user_edit(
     route = dst / "src" / pkg / "orders.py"
     route.write_text('"""Orders routes, written by the team."""\n\nORDERS: list[str] = []\n')
     readme_paragraph = "Our team owns this service; page #orders-oncall when it is down."
-    has_readme = (dst / "README.md").exists()
-    if has_readme:
-        readme = (dst / "README.md").read_text().split("\n\n")
-        readme[1] = readme_paragraph  # the paragraph under the title
-        (dst / "README.md").write_text("\n\n".join(readme))
+    readme = (dst / "README.md").read_text().split("\n\n")
+    readme[1] = readme_paragraph  # the paragraph under the title
+    (dst / "README.md").write_text("\n\n".join(readme))
     deleted = dst / "tests" / "test_request_context.py"
     assert deleted.exists()
     deleted.unlink()
@@ -241,8 +274,7 @@ def test_update_brings_template_changes_and_keeps_every_user_edit(
     template.append(".env.example", "\n# Added in v1.1.0\nFEATURE_FLAGS=\n")
     template.append("tests/test_request_context.py", "\n# v1.1.0: a change to a deleted file\n")
     (template.path / "template" / "UPGRADING.md").write_text("# Upgrading\n\nSee CHANGELOG.\n")
-    if has_readme:
-        template.append("README.md", "\n## Added in v1.1.0\n\nA template section.\n")
+    template.append("README.md", "\n## Added in v1.1.0\n\nA template section.\n")
     template.release("v1.1.0")
 
     update(dst, "v1.1.0")
@@ -254,9 +286,8 @@ def test_update_brings_template_changes_and_keeps_every_user_edit(
     assert answers(dst)["_commit"] == "v1.1.0"
     # ... and every user edit is still there.
     assert route.read_text().startswith('"""Orders routes, written by the team."""')
-    if has_readme:
-        readme_text = (dst / "README.md").read_text()
-        assert readme_paragraph in readme_text and "## Added in v1.1.0" in readme_text
+    readme_text = (dst / "README.md").read_text()
+    assert readme_paragraph in readme_text and "## Added in v1.1.0" in readme_text
     assert not deleted.exists(), "a file the user deleted came back"
     assert env.read_bytes() == env_before and stat.S_IMODE(env.stat().st_mode) == env_mode
     assert files_with_conflict_markers(dst) == [] and rej_files(dst) == []
@@ -268,7 +299,7 @@ def test_update_brings_template_changes_and_keeps_every_user_edit(
 
 @pytest.mark.parametrize("mode", ["inline", "rej"])
 def test_same_lines_changed_on_both_sides_give_a_conflict_never_silent_loss(
-    template: TemplateRepo, dst: Path, mode: str
+    template: TemplateRepo, dst: Path, mode: str, tmp_path: Path
 ) -> None:
     generate(template, dst, "v1.0.0")
     # .gitignore is copied verbatim: the same line exists in the template and the project.
@@ -297,6 +328,17 @@ def test_same_lines_changed_on_both_sides_give_a_conflict_never_silent_loss(
         assert "+# USER: our own wording" in (dst / ".gitignore.rej").read_text()
         assert ".gitignore.rej" in git("status", "--porcelain", cwd=dst), "git status hides it"
 
+    # Committing the unresolved result (`git add -A && git commit`) is stopped by pre-commit.
+    git("add", "-A", cwd=dst)
+    if mode == "inline":
+        assert conflict_marker_hook_catches(dst, tmp_path, ".gitignore"), (
+            "no pre-commit hook fails on Copier's conflict markers (check-merge-conflict needs "
+            "args: [--assume-in-merge]: Copier's markers are written outside a git merge)"
+        )
+    else:
+        hooks = run_offline_hooks(dst, tmp_path)
+        assert hooks.returncode != 0 and ".gitignore.rej" in hooks.stdout, hooks.stdout
+
 
 def test_enabling_redis_through_update_adds_everything_redis_needs(
     template: TemplateRepo, dst: Path, redis: Redis, capfd: pytest.CaptureFixture[str],
@@ -318,12 +360,9 @@ def test_enabling_redis_through_update_adds_everything_redis_needs(
     assert "redis_url" in (dst / "src" / pkg / "settings.py").read_text()
     assert "redis" in (dst / "src" / pkg / "health.py").read_text()
     assert "REDIS_URL=" in (dst / ".env.example").read_text()
-    if (dst / "compose.yaml").exists():
-        compose = yaml.safe_load((dst / "compose.yaml").read_text())
-        assert "redis" in compose["services"]
-    for workflow in (dst / ".github" / "workflows").glob("*.y*ml"):
-        if "services:" in workflow.read_text():
-            assert "redis" in workflow.read_text(), f"{workflow.name} has no redis service"
+    assert "redis" in yaml.safe_load((dst / "compose.yaml").read_text())["services"]
+    ci = yaml.safe_load((dst / ".github" / "workflows" / "ci.yml").read_text())
+    assert any("redis" in job.get("services", {}) for job in ci["jobs"].values()), "CI: no redis"
     assert (dst / ".env").read_bytes() == env_before, "an update touched .env"
     said = "".join(capfd.readouterr())
     assert ".env lacks" in said and "REDIS_URL=" in said, "the update did not name REDIS_URL"
