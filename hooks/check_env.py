@@ -1,10 +1,10 @@
 """After `copier update`: name the settings of .env.example that the project's .env lacks.
 
-Run by Copier as a task on update. An update never touches .env (it holds the project's secrets
-and is git-ignored), so a setting that a template release or a changed answer adds (REDIS_URL when
-redis is enabled, say) has to be added by hand: this says which ones. It only reads; it is silent
-where there is no .env (Copier also runs tasks in its scratch copies of the project). Standard
-library only.
+Run by Copier after every update, as the last `_migrations` entry (it names no version), so
+after the versioned steps that rename settings. An update never touches .env (it holds the
+project's secrets and is git-ignored), so a setting that a template release or a changed answer
+adds (REDIS_URL when redis is enabled, say) has to be added by hand: this says which ones. It only
+reads, and says nothing where there is no .env. Standard library only.
 """
 
 from __future__ import annotations

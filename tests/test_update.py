@@ -121,6 +121,11 @@ def update(dst: Path, ref: str, **kwargs: Any) -> None:
                **kwargs)
 
 
+def check_update(dst: Path) -> int:
+    """`copier check-update --quiet`: 2 when the template has a newer release, else 0."""
+    return run([str(TOOLS / "copier"), "check-update", "--quiet"], cwd=dst, check=False).returncode
+
+
 def commit_all(dst: Path, message: str) -> None:
     git("add", "-A", cwd=dst)
     git("commit", "-q", "-m", message, cwd=dst)
@@ -268,6 +273,7 @@ def test_update_brings_template_changes_and_keeps_every_user_edit(
     env_before, env_mode = env.read_bytes(), stat.S_IMODE(env.stat().st_mode)
     assert b"LOG_LEVEL=debug" in env_before
     commit_all(dst, "Team edits")
+    assert check_update(dst) == 0, "copier check-update saw a release that does not exist yet"
 
     # The template's v1.1.0 changes other places, including the file the user deleted.
     template.append(".gitignore", "\n# Copier update leftovers\n*.orig\n")
@@ -277,6 +283,7 @@ def test_update_brings_template_changes_and_keeps_every_user_edit(
     template.append("README.md", "\n## Added in v1.1.0\n\nA template section.\n")
     template.release("v1.1.0")
 
+    assert check_update(dst) == 2, "copier check-update did not see v1.1.0"
     update(dst, "v1.1.0")
 
     # The template's changes arrived ...
@@ -293,6 +300,7 @@ def test_update_brings_template_changes_and_keeps_every_user_edit(
     assert files_with_conflict_markers(dst) == [] and rej_files(dst) == []
     assert unmerged(dst) == []
     commit_all(dst, "Update to v1.1.0")
+    assert check_update(dst) == 0
 
     run_project_tests(dst)
 
@@ -436,6 +444,7 @@ def test_migrations_run_exactly_for_the_versions_they_name(
     update(step, "v1.1.0")
     said = "".join(capfd.readouterr())
     assert said.count(RENAMED_SETTING) == 1 and "probe_salutation" not in said
+    assert ".env has every setting of .env.example" in said, "check_env ran before the rename"
     env = (step / ".env").read_text()
     assert "PROBE_NEW_SETTING=users-value" in env and "PROBE_OLD_SETTING" not in env
     assert stat.S_IMODE((step / ".env").stat().st_mode) == 0o600
