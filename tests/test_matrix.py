@@ -1,0 +1,149 @@
+"""Every answer combination, generated and checked: tree, lint and types, its own tests, a boot.
+
+Tests of one combination share one rendering (and virtualenv) and run on one xdist worker
+(`--dist loadgroup`); ids name the answers, so a failing line re-runs as is with `-k`.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import signal
+from pathlib import Path
+
+import pytest
+
+from .helpers import COMBO_IDS, COMBOS, Combo
+from .project import Project, boot, expected_workers, http_get, project_for
+from .servers import Postgres, Redis
+
+# Our templates write `{{ name }}`; GitHub's `${{ x }}` and docker/metadata-action's
+# `{{is_default_branch}}` are not ours.
+LEFTOVER_JINJA = re.compile(r"(?<!\$)\{\{ |\{%|%\}|\{#|\.jinja\b")
+# Words that only a feature's own files may contain.
+FEATURE_WORDS = {
+    "postgres": re.compile(r"postgres|sqlalchemy|alembic|asyncpg|database_url", re.IGNORECASE),
+    "redis": re.compile(r"redis", re.IGNORECASE),
+    "sentry": re.compile(r"sentry", re.IGNORECASE),
+}
+FEATURE_FILES = {
+    "postgres": ["alembic.ini", "migrations/env.py", "src/{pkg}/db.py", "src/{pkg}/models.py"],
+    "redis": ["src/{pkg}/cache.py"],
+    "sentry": ["src/{pkg}/sentry.py"],
+}
+DEPLOYMENT_FILES = {
+    "docker": ["Dockerfile", ".dockerignore", "compose.yaml"],
+    "systemd": ["deploy/systemd/my-service.service"],
+}
+COMMON_FILES = [
+    ".copier-answers.yml", ".env.example", ".env", ".gitignore", ".pre-commit-config.yaml",
+    ".python-version", "Makefile", "README.md", "pyproject.toml", "gunicorn.conf.py",
+    "src/{pkg}/__init__.py", "src/{pkg}/main.py", "src/{pkg}/settings.py", "src/{pkg}/logs.py",
+    "src/{pkg}/middleware.py", "src/{pkg}/health.py", "src/{pkg}/api.py", "tests/conftest.py",
+    "deploy/nginx/my-service.conf", ".github/workflows/ci.yml",
+]
+
+matrix = pytest.mark.parametrize(
+    "combo", [pytest.param(c, id=c.id, marks=pytest.mark.xdist_group(c.id)) for c in COMBOS]
+)
+
+
+def _files(project: Project) -> dict[str, str]:
+    out = {}
+    for path in project.path.rglob("*"):
+        rel = path.relative_to(project.path).as_posix()
+        if path.is_file() and not rel.startswith((".venv/", ".git/")) and "__pycache__" not in rel \
+                and not rel.startswith(("gunicorn-", ".mypy_cache", ".ruff_cache", ".pytest_cache")):
+            out[rel] = path.read_text(errors="replace")
+    return out
+
+
+@pytest.mark.generate
+@matrix
+def test_tree_matches_answers(combo: Combo) -> None:
+    project = project_for(combo)
+    files = _files(project)
+    pkg = "my_service"
+    expected = [f.format(pkg=pkg) for f in COMMON_FILES + DEPLOYMENT_FILES[combo.deployment]]
+    for feature, names in FEATURE_FILES.items():
+        for name in names:
+            if getattr(combo, feature):
+                expected.append(name.format(pkg=pkg))
+            else:
+                assert name.format(pkg=pkg) not in files, f"{name} present without {feature}"
+    for other, names in DEPLOYMENT_FILES.items():
+        if other != combo.deployment:
+            assert not set(names) & set(files), f"{other} files in a {combo.deployment} project"
+    missing = [name for name in expected if name not in files]
+    assert not missing, f"missing files: {missing}"
+
+    for rel, text in files.items():
+        if rel.endswith(".mako"):
+            continue  # Alembic's own template language
+        match = LEFTOVER_JINJA.search(text)
+        assert match is None, f"leftover template syntax {match.group()!r} in {rel}"
+        for feature, words in FEATURE_WORDS.items():
+            if not getattr(combo, feature) and rel != ".copier-answers.yml":
+                found = words.search(text)
+                assert found is None, f"{rel} mentions disabled {feature}: {found.group()!r}"
+
+    assert (project.path / ".python-version").read_text().strip() == combo.python_version
+
+
+@pytest.mark.lint
+@matrix
+def test_ruff_and_mypy_strict(combo: Combo) -> None:
+    project = project_for(combo)
+    project.tool("ruff", "check", "--no-cache", ".")
+    project.tool("ruff", "format", "--check", "--no-cache", ".")
+    project.tool("mypy", "--strict")
+
+
+@pytest.mark.project
+@matrix
+def test_generated_test_suite_passes(combo: Combo, postgres: Postgres, redis: Redis) -> None:
+    project = project_for(combo)
+    env = {
+        "TEST_DATABASE_URL": postgres.url("postgres"),
+        "TEST_REDIS_URL": redis.url(COMBO_IDS.index(combo.id) + 1),
+    }
+    output = project.tool("pytest", "-q", "-p", "no:cacheprovider", env=env)
+    assert re.search(r"\d+ passed", output), output
+    assert "skipped" not in output, output
+
+
+@pytest.mark.boot
+@matrix
+def test_boots_under_gunicorn(combo: Combo, postgres: Postgres, redis: Redis) -> None:
+    project = project_for(combo)
+    env: dict[str, str | None] = {
+        "ENVIRONMENT": "production",
+        "SECRET_KEY": secrets.token_urlsafe(48),
+        "LOG_FORMAT": None,
+        "WEB_CONCURRENCY": None,
+    }
+    if combo.postgres:
+        env["DATABASE_URL"] = postgres.url("postgres")
+    if combo.redis:
+        env["REDIS_URL"] = redis.url(COMBO_IDS.index(combo.id) + 20)
+    with boot(project, env) as server:
+        status, headers, body = http_get(server.base_url + "/health/ready")
+        assert status == 200, body
+        status, headers, _ = http_get(server.base_url + "/health/live",
+                                      headers={"X-Request-ID": f"boot-{combo.id}"})
+        assert status == 200
+        assert headers["x-request-id"] == f"boot-{combo.id}"
+        # Production hides the API docs.
+        assert http_get(server.base_url + "/docs")[0] == 404
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=40) == 0
+
+    lines = server.log_lines()  # every line is JSON
+    access = [line for line in lines if line.get("event") == "request"
+              and line.get("request_id") == f"boot-{combo.id}"]
+    assert len(access) == 1, access
+    assert access[0]["path"] == "/health/live"
+    assert access[0]["status"] == 200
+    booted = [line for line in lines if str(line.get("event", "")).startswith("Booting worker")]
+    assert len(booted) == expected_workers(combo)
+    assert Path(project.path).exists()
