@@ -384,6 +384,23 @@ def test_enabling_redis_through_update_adds_everything_redis_needs(
     assert ready.json()["checks"].get("redis") == "ok", ready.text
 
 
+def test_template_side_leftovers_never_reach_a_project(template: TemplateRepo, dst: Path) -> None:
+    """_exclude: caches, editor backups and update leftovers in template/ are not rendered."""
+    junk = ["__pycache__/mod.cpython-311.pyc", ".ruff_cache/CACHEDIR.TAG", ".mypy_cache/x.json",
+            ".pytest_cache/README.md", "~notes.txt", "README.md.rej", "README.md.orig",
+            "src/{{ package_name }}/__pycache__/api.cpython-311.pyc"]
+    for name in junk:
+        path = template.path / "template" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("junk\n")
+    template.release("v1.0.1")
+    generate(template, dst, "v1.0.1")
+    leaked = [str(p.relative_to(dst)) for p in dst.rglob("*")
+              if p.is_file() and ".git" not in p.relative_to(dst).parts
+              and p.read_bytes() == b"junk\n"]
+    assert leaked == []
+
+
 # ---------------------------------------------------------------- migrations
 
 HOOK = '["{{ _copier_python }}", "{{ _copier_conf.src_path }}/hooks/migrate.py"'
