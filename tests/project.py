@@ -94,37 +94,53 @@ class Running:
         return lines
 
 
-@contextlib.contextmanager
-def boot(project: Project, env: dict[str, str | None], timeout: float = 90) -> Iterator[Running]:
-    """Start `gunicorn -c gunicorn.conf.py` on a free port; stop it (SIGTERM) afterwards.
-
-    env adds to the environment; a None value removes the variable."""
+def start_gunicorn(project: Project, env: dict[str, str | None], args: list[str],
+                   log_path: Path) -> subprocess.Popen[bytes]:
+    """`gunicorn -c gunicorn.conf.py [args]` in the project; env adds to the environment and a
+    None value removes the variable."""
     project.sync()
-    port = free_port()
-    log_path = project.path / f"gunicorn-{port}.log"
-    full_env = {**os.environ, "GUNICORN_CMD_ARGS": f"--bind 127.0.0.1:{port}"}
+    full_env = dict(os.environ)
     for key, value in env.items():
         if value is None:
             full_env.pop(key, None)
         else:
             full_env[key] = value
     with log_path.open("wb") as log:
-        process = subprocess.Popen([str(project.bin / "gunicorn"), "-c", "gunicorn.conf.py"],
-                                   cwd=project.path, env=full_env, stdout=log, stderr=log,
-                                   start_new_session=True)
+        return subprocess.Popen([str(project.bin / "gunicorn"), "-c", "gunicorn.conf.py", *args],
+                                cwd=project.path, env=full_env, stdout=log, stderr=log,
+                                start_new_session=True)
+
+
+@contextlib.contextmanager
+def boot(project: Project, env: dict[str, str | None], timeout: float = 90,
+         bind_via: str = "env", args: tuple[str, ...] = ()) -> Iterator[Running]:
+    """Start the service on a free port, wait for /health/live; stop it (SIGTERM) afterwards.
+
+    bind_via: "env" passes --bind in GUNICORN_CMD_ARGS, "cli" on the command line (both must
+    win over the config's bind)."""
+    port = free_port()
+    log_path = project.path / f"gunicorn-{port}.log"
+    bind = f"--bind 127.0.0.1:{port}"
+    if bind_via == "env":
+        env = {**env, "GUNICORN_CMD_ARGS": bind}
+    else:
+        args = (*bind.split(), *args)
+    process = start_gunicorn(project, env, list(args), log_path)
     running = Running(process, f"http://127.0.0.1:{port}", log_path)
     try:
         deadline = time.monotonic() + timeout
         while True:
             if process.poll() is not None:
-                raise AssertionError(f"gunicorn exited {process.returncode}:\n{log_path.read_text()}")
+                output = log_path.read_text()
+                raise AssertionError(f"gunicorn exited {process.returncode}:\n{output}")
             try:
                 if http_get(running.base_url + "/health/live", timeout=2)[0] == 200:
                     break
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise AssertionError(f"gunicorn did not answer in {timeout}s:\n{log_path.read_text()}")
+                output = log_path.read_text()
+                raise AssertionError(f"gunicorn did not answer in {timeout}s:\n{output}")
             time.sleep(0.2)
         yield running
     finally:

@@ -9,12 +9,11 @@ from __future__ import annotations
 import re
 import secrets
 import signal
-from pathlib import Path
 
 import pytest
 
-from .helpers import COMBO_IDS, COMBOS, Combo
-from .project import Project, boot, expected_workers, http_get, project_for
+from .helpers import COMBO_IDS, COMBOS, Combo, free_port
+from .project import Project, boot, expected_workers, http_get, project_for, start_gunicorn
 from .servers import Postgres, Redis
 
 # Our templates write `{{ name }}`; GitHub's `${{ x }}` and docker/metadata-action's
@@ -52,8 +51,8 @@ def _files(project: Project) -> dict[str, str]:
     out = {}
     for path in project.path.rglob("*"):
         rel = path.relative_to(project.path).as_posix()
-        if path.is_file() and not rel.startswith((".venv/", ".git/")) and "__pycache__" not in rel \
-                and not rel.startswith(("gunicorn-", ".mypy_cache", ".ruff_cache", ".pytest_cache")):
+        skipped = (".venv/", ".git/", "gunicorn-", ".mypy_cache", ".ruff_cache", ".pytest_cache")
+        if path.is_file() and not rel.startswith(skipped) and "__pycache__" not in rel:
             out[rel] = path.read_text(errors="replace")
     return out
 
@@ -103,10 +102,14 @@ def test_ruff_and_mypy_strict(combo: Combo) -> None:
 @matrix
 def test_generated_test_suite_passes(combo: Combo, postgres: Postgres, redis: Redis) -> None:
     project = project_for(combo)
-    env = {
-        "TEST_DATABASE_URL": postgres.url("postgres"),
-        "TEST_REDIS_URL": redis.url(COMBO_IDS.index(combo.id) + 1),
-    }
+    if combo.sentry:
+        # Half the matrix leaves TEST_* unset: the project starts its own throwaway servers.
+        env = {"TEST_DATABASE_URL": "", "TEST_REDIS_URL": ""}
+    else:
+        env = {
+            "TEST_DATABASE_URL": postgres.url("postgres"),
+            "TEST_REDIS_URL": redis.url(COMBO_IDS.index(combo.id) + 1),
+        }
     output = project.tool("pytest", "-q", "-p", "no:cacheprovider", env=env)
     assert re.search(r"\d+ passed", output), output
     assert "skipped" not in output, output
@@ -126,7 +129,9 @@ def test_boots_under_gunicorn(combo: Combo, postgres: Postgres, redis: Redis) ->
         env["DATABASE_URL"] = postgres.url("postgres")
     if combo.redis:
         env["REDIS_URL"] = redis.url(COMBO_IDS.index(combo.id) + 20)
-    with boot(project, env) as server:
+    # Half the matrix binds with --bind on the command line, half through GUNICORN_CMD_ARGS.
+    bind_via = "cli" if COMBO_IDS.index(combo.id) % 2 else "env"
+    with boot(project, env, bind_via=bind_via) as server:
         status, headers, body = http_get(server.base_url + "/health/ready")
         assert status == 200, body
         status, headers, _ = http_get(server.base_url + "/health/live",
@@ -146,4 +151,26 @@ def test_boots_under_gunicorn(combo: Combo, postgres: Postgres, redis: Redis) ->
     assert access[0]["status"] == 200
     booted = [line for line in lines if str(line.get("event", "")).startswith("Booting worker")]
     assert len(booted) == expected_workers(combo)
-    assert Path(project.path).exists()
+
+
+@pytest.mark.boot
+@matrix
+def test_refuses_to_start_with_insecure_or_missing_settings(combo: Combo) -> None:
+    project = project_for(combo)
+    log_path = project.path / "refused.log"
+    env: dict[str, str | None] = {"ENVIRONMENT": "production", "SECRET_KEY": "change-me-secret-key"}
+    if combo.postgres:
+        env["DATABASE_URL"] = "mysql://nope"
+    process = start_gunicorn(project, env, ["--bind", f"127.0.0.1:{free_port()}"], log_path)
+    try:
+        assert process.wait(timeout=60) != 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    output = log_path.read_text()
+    assert "invalid settings" in output
+    assert "SECRET_KEY: must be a random value" in output
+    if combo.postgres:
+        assert "DATABASE_URL: must start with postgresql://" in output
+    assert "Traceback" not in output
+    assert "Booting worker" not in output
