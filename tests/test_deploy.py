@@ -830,6 +830,9 @@ def test_nginx_config(
     )
     for name in ("proxy_read_timeout", "proxy_send_timeout"):
         assert int(re.search(rf"{name} (\d+)s;", conf).group(1)) > timeout
+    # nginx drops idle upstream connections before gunicorn would close them under it.
+    keepalive = re.search(r"^keepalive\s*=\s*(\d+)", project.read("gunicorn.conf.py"), re.M)
+    assert int(re.search(r"keepalive_timeout (\d+)s;", conf).group(1)) < int(keepalive.group(1))
     if combo.deployment == "systemd":
         unit = parse_unit(project.unit.read_text())
         bind = shlex.split(unit_value(unit, "Service", "ExecStart"))
