@@ -359,10 +359,17 @@ def test_worker_killed_under_load(request: pytest.FixtureRequest, project: Proje
         assert load.returncode == 0, err
         stats = json.loads(out)
         after = svc.wait_for_workers(int(WORKERS), startups=startups + 1, timeout=30)
-        assert victim not in after and len(after - before) == 1, (before, after)
-        replacement = (after - before).pop()
-        started = [line for line in svc.log_lines()
-                   if line.get("event") == f"Started server process [{replacement}]"]
+        assert victim not in after and after - before, (before, after)
+        log = svc.log_lines()
+        # max_requests (10000 + jitter) may also recycle the surviving worker under this load:
+        # gracefully, but its keep-alive connections close, which the load generator counts.
+        recycled = sum(1 for line in log if "Maximum request limit" in str(line.get("event")))
+        booted = [int(str(line["event"]).rsplit(" ", 1)[1]) for line in log
+                  if str(line.get("event")).startswith("Booting worker with pid:")
+                  and _log_time(line) >= killed_at - 0.5]
+        assert booted, "no worker booted after the kill"
+        started = [line for line in log
+                   if line.get("event") == f"Started server process [{booted[0]}]"]
         assert started, "no start line for the replacement worker"
         replaced_after = _log_time(started[0]) - killed_at
         assert svc.get("/health/ready").status == 200
@@ -372,17 +379,19 @@ def test_worker_killed_under_load(request: pytest.FixtureRequest, project: Proje
         "workers": int(WORKERS), "connections": connections, "seconds": stats["seconds"],
         "sent": stats["sent"], "ok": stats["ok"], "failed": stats["failed"],
         "failure_reasons": stats["reasons"],
-        "lost_in_flight_on_killed_worker": stats["lost_in_flight"],
+        "lost_in_flight_then_retried": stats["lost_in_flight"],
         "retried_ok": stats["retried_ok"],
         "success_ratio": round(stats["success_ratio"], 5),
         "requests_per_second": stats["requests_per_second"],
         "replacement_started_after_s": round(replaced_after, 3),
+        "workers_recycled_by_max_requests": recycled,
     })
     assert stats["sent"] > 0
     assert stats["success_ratio"] >= 0.999, stats
     # Only requests in flight on the killed worker's connections were lost (each connection has
-    # at most one): anything more would be the surviving worker failing.
-    assert lost <= connections, stats
+    # at most one), and on those of a worker recycled by max_requests: anything more would be
+    # the surviving worker failing.
+    assert lost <= connections * (1 + recycled), stats
 
 
 # --------------------------------------------------------------------------- hostile input
