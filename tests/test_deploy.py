@@ -1348,7 +1348,11 @@ def assert_through_nginx(
         generated_id = answer.headers["x-request-id"]
         assert re.fullmatch(r"[0-9a-f]{32}", generated_id)
         service.access_line(generated_id)
-        assert f"request_id={generated_id}" in sandbox.access_log.read_text()
+        # nginx writes its access line after the response has gone out: wait for it.
+        deadline = time.monotonic() + 5
+        while f"request_id={generated_id}" not in sandbox.access_log.read_text():
+            assert time.monotonic() < deadline, sandbox.access_log.read_text()[-3000:]
+            time.sleep(0.05)
 
         # Dotfiles never reach the app.
         assert client.get("/.env", headers=host, extensions=sni).status_code == 404
