@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import signal
 import socket
 import subprocess
 from collections.abc import Mapping
@@ -119,3 +120,20 @@ def run(cmd: list[str] | str, cwd: Path | None = None, env: Mapping[str, str] | 
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd!r} exited {proc.returncode} in {cwd}:\n{proc.stdout}")
     return proc
+
+
+def stop(process: subprocess.Popen[bytes], timeout: float, group: bool = False) -> None:
+    """SIGTERM (to its process group when group), then SIGKILL to the group after timeout.
+
+    Processes are started with start_new_session=True, so the group is theirs alone."""
+    if process.poll() is not None:
+        return
+    if group:
+        os.killpg(process.pid, signal.SIGTERM)
+    else:
+        process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import tempfile
 import time
@@ -16,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .helpers import UV, Combo, free_port, python_for, render, run
+from .helpers import UV, Combo, free_port, python_for, render, run, stop
 
 _WORKDIR = Path(tempfile.mkdtemp(prefix="tpl-matrix-"))
 
@@ -144,10 +143,4 @@ def boot(project: Project, env: dict[str, str | None], timeout: float = 90,
             time.sleep(0.2)
         yield running
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop(process, timeout=40)

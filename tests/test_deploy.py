@@ -43,7 +43,7 @@ from check_jsonschema.cli.main_command import main as check_jsonschema_main
 from click.testing import CliRunner
 from docker.utils.build import exclude_paths
 
-from .helpers import ALL_ENABLED, COMBOS, UV, Combo, free_port, python_for, render, run
+from .helpers import ALL_ENABLED, COMBOS, UV, Combo, free_port, python_for, render, run, stop
 from .servers import Postgres, Redis
 
 pytestmark = pytest.mark.deploy
@@ -1214,13 +1214,7 @@ def started(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> Iterat
     try:
         yield Service(process, log)
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=45)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop(process, timeout=45)
 
 
 def wait_for(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import pytest
 import yaml
 from copier import run_copy, run_update
 
-from .helpers import ROOT, free_port, python_for, run
+from .helpers import ROOT, free_port, python_for, run, stop
 from .servers import Redis
 
 pytestmark = pytest.mark.update
@@ -239,13 +238,7 @@ def booted() -> Iterator[Callable[..., str]]:
 
     yield start
     for proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop(proc, timeout=20, group=True)
 
 
 # ---------------------------------------------------------------- the tests
