@@ -9,28 +9,30 @@ user installs nothing for it.
   PostgreSQL password in both POSTGRES_PASSWORD and DATABASE_URL).
 - .env is created with mode 0600 and never overwritten: if it exists, nothing happens.
 - Only the names of the settings it filled are printed, never the values.
+
+Every copy waits for this process, so it imports little: `random.SystemRandom` (os.urandom, the
+generator behind `secrets`, without its hmac and hashlib imports), `os.path` rather than pathlib,
+and argparse only when arguments are given (Copier gives none). See bench/RESULTS.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
-import secrets
-import string
 import sys
-from pathlib import Path
+from random import SystemRandom
 
 # A placeholder: `change-me-` then lowercase words joined by single hyphens, not followed by
 # another name character (so `change-me-a` never matches inside `change-me-ab`).
 PLACEHOLDER = re.compile(r"change-me-[a-z0-9]+(?:-[a-z0-9]+)*(?![A-Za-z0-9_-])")
 # Letters and digits only: URL-safe, and safe unquoted in .env files, shells, YAML and URLs.
-ALPHABET = string.ascii_letters + string.digits
+ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 SECRET_LENGTH = 48  # about 285 bits
+_RANDOM = SystemRandom()  # what secrets.choice uses
 
 
 def new_secret() -> str:
-    return "".join(secrets.choice(ALPHABET) for _ in range(SECRET_LENGTH))
+    return "".join(_RANDOM.choice(ALPHABET) for _ in range(SECRET_LENGTH))
 
 
 def fill(example: str) -> tuple[str, dict[str, str]]:
@@ -54,30 +56,40 @@ def filled_settings(text: str, placeholders: dict[str, str]) -> list[str]:
     return names
 
 
-def git_ignores_env(directory: Path) -> bool:
+def git_ignores_env(directory: str) -> bool:
     """Whether the project's .gitignore names .env (a plain check: no git repository exists yet)."""
-    gitignore = directory / ".gitignore"
-    if not gitignore.is_file():
+    gitignore = os.path.join(directory, ".gitignore")
+    if not os.path.isfile(gitignore):
         return False
-    patterns = {line.strip() for line in gitignore.read_text(encoding="utf-8").splitlines()}
+    with open(gitignore, encoding="utf-8") as f:
+        patterns = {line.strip() for line in f.read().splitlines()}
     return bool(patterns & {".env", "/.env", ".env*", "/.env*", "*.env"})
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str]) -> tuple[str, str]:
+    """(example, target): the defaults without arguments, as Copier runs it."""
+    if not argv:
+        return ".env.example", ".env"
+    import argparse  # ~25 ms of imports and set-up that a copy need not wait for
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--example", default=".env.example", help="source (default: %(default)s)")
     parser.add_argument("--target", default=".env", help="file to create (default: %(default)s)")
     args = parser.parse_args(argv)
-    example, target = Path(args.example), Path(args.target)
+    return args.example, args.target
 
-    if target.exists():
+
+def main(argv: list[str] | None = None) -> int:
+    example, target = parse_args(sys.argv[1:] if argv is None else argv)
+
+    if os.path.exists(target):
         print(f"{target} already exists: left untouched (no secret generated).")
         return 0
-    if not example.is_file():
+    if not os.path.isfile(example):
         print(f"{example} not found: no {target} created.")
         return 0
 
-    with example.open(encoding="utf-8", newline="") as f:
+    with open(example, encoding="utf-8", newline="") as f:
         text = f.read()
     filled, values = fill(text)
 
@@ -100,8 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"Created {target} from {example} (it has no change-me-* placeholder to fill).")
     print(f"{target} is readable by you only (mode 0600); keep it out of version control.")
-    if not git_ignores_env(target.parent):
-        print(f"WARNING: .gitignore does not list {target.name}: add it before your first commit.")
+    if not git_ignores_env(os.path.dirname(target) or "."):
+        print(
+            f"WARNING: .gitignore does not list {os.path.basename(target)}: "
+            "add it before your first commit."
+        )
     return 0
 
 
