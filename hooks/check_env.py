@@ -32,14 +32,18 @@ def main() -> int:
     if not missing:
         print(".env has every setting of .env.example (an update never changes .env).")
         return 0
-    print(f".env lacks {len(missing)} setting(s) of .env.example: add them by hand "
-          "(an update never changes .env):")
+    print(
+        f".env lacks {len(missing)} setting(s) of .env.example: add them by hand "
+        "(an update never changes .env):"
+    )
     for name in missing:
         print(f"  {name}={wanted[name]}")
     if any("change-me-" in wanted[name] for name in missing):
-        print("Replace each change-me-<name> placeholder with a random value, the same value "
-              "wherever the same placeholder repeats:\n"
-              "  python3 -c \"import secrets; print(secrets.token_urlsafe(32))\"")
+        print(
+            "Replace each change-me-<name> placeholder with a random value, the same value "
+            "wherever the same placeholder repeats:\n"
+            '  python3 -c "import secrets; print(secrets.token_urlsafe(32))"'
+        )
     return 0
 
 

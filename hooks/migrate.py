@@ -47,6 +47,7 @@ def rename_key(text: str, pattern: str, old: str, new: str) -> tuple[str, str]:
     Returns the new text and what happened: "renamed", "absent" or "exists" (new is already
     there, so nothing changes: the user or an earlier run did it).
     """
+
     def line_re(key: str) -> re.Pattern[str]:
         return re.compile(pattern.format(key=re.escape(key)), re.MULTILINE)
 

@@ -51,8 +51,9 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
 
 
 async def connection(args: argparse.Namespace, stats: Stats, start: float, end: float) -> None:
-    request = (f"GET {args.path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-               "User-Agent: drills-load\r\n\r\n").encode()
+    request = (
+        f"GET {args.path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: drills-load\r\n\r\n"
+    ).encode()
     writer: asyncio.StreamWriter | None = None
     reader: asyncio.StreamReader | None = None
     answered_on_connection = 0
@@ -83,7 +84,8 @@ async def connection(args: argparse.Namespace, stats: Stats, start: float, end: 
             writer.close()
             writer = None
             nothing_received = isinstance(exc, ConnectionResetError) or (
-                isinstance(exc, asyncio.IncompleteReadError) and not exc.partial)
+                isinstance(exc, asyncio.IncompleteReadError) and not exc.partial
+            )
             kind = type(exc).__name__
             if isinstance(exc, asyncio.IncompleteReadError):
                 kind = "closed mid-response" if exc.partial else "closed before any response byte"
@@ -147,6 +149,10 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--timeout", type=float, default=10)
-    parser.add_argument("--no-retry", dest="retry", action="store_false",
-                        help="count a request lost on a reused connection as failed at once")
+    parser.add_argument(
+        "--no-retry",
+        dest="retry",
+        action="store_false",
+        help="count a request lost on a reused connection as failed at once",
+    )
     print(json.dumps(asyncio.run(main(parser.parse_args()))))

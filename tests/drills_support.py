@@ -116,8 +116,15 @@ class Response:
         return json.loads(self.body)
 
 
-def http_request(port: int, method: str, path: str, headers: dict[str, str] | None = None,
-                 body: bytes = b"", timeout: float = 15, host: str = "127.0.0.1") -> Response:
+def http_request(
+    port: int,
+    method: str,
+    path: str,
+    headers: dict[str, str] | None = None,
+    body: bytes = b"",
+    timeout: float = 15,
+    host: str = "127.0.0.1",
+) -> Response:
     """One request on its own connection (Connection: close), parsed by hand: the drills send
     what a client library would refuse to send."""
     lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", "Connection: close"]
@@ -161,7 +168,7 @@ def _dechunk(data: bytes) -> bytes:
         size = int(size_line.split(b";")[0], 16)
         if size == 0:
             break
-        out, data = out + data[:size], data[size + 2:]
+        out, data = out + data[:size], data[size + 2 :]
     return out
 
 
@@ -217,11 +224,13 @@ class Service:
 
     def startups(self) -> int:
         """How many workers have finished their application startup (lifespan) so far."""
-        return sum(1 for line in self.log_lines()
-                   if line.get("event") == "Application startup complete.")
+        return sum(
+            1 for line in self.log_lines() if line.get("event") == "Application startup complete."
+        )
 
-    def wait_for_workers(self, count: int, startups: int | None = None,
-                         timeout: float = 30) -> set[int]:
+    def wait_for_workers(
+        self, count: int, startups: int | None = None, timeout: float = 30
+    ) -> set[int]:
         """The master's worker processes, once there are `count` of them and at least
         `startups` (default: count) application startups have completed."""
         needed = count if startups is None else startups
@@ -231,8 +240,10 @@ class Service:
             if len(pids) == count and self.startups() >= needed:
                 return pids
             if time.monotonic() > deadline:
-                raise AssertionError(f"{len(pids)} workers, {self.startups()} startups; expected "
-                                     f"{count} and {needed}:\n" + self.log_path.read_text()[-4000:])
+                raise AssertionError(
+                    f"{len(pids)} workers, {self.startups()} startups; expected "
+                    f"{count} and {needed}:\n" + self.log_path.read_text()[-4000:]
+                )
             time.sleep(0.1)
 
 
@@ -260,9 +271,15 @@ def drill_app_dir(tmp_path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def service(project: Project, env: dict[str, str | None], log_dir: Path,
-            app: str | None = None, extra_path: Path | None = None, cwd: Path | None = None,
-            timeout: float = 90) -> Iterator[Service]:
+def service(
+    project: Project,
+    env: dict[str, str | None],
+    log_dir: Path,
+    app: str | None = None,
+    extra_path: Path | None = None,
+    cwd: Path | None = None,
+    timeout: float = 90,
+) -> Iterator[Service]:
     """`gunicorn -c gunicorn.conf.py [app]` in the project (the generated config as is), bound
     by GUNICORN_CMD_ARGS to a free loopback port; waits for /health/live; stops it afterwards
     (SIGTERM, then SIGKILL of its process group if it outlives the graceful timeout)."""
@@ -280,23 +297,31 @@ def service(project: Project, env: dict[str, str | None], log_dir: Path,
     config = project.path / "gunicorn.conf.py"
     cmd = [str(project.bin / "gunicorn"), "-c", str(config), *([app] if app else [])]
     with log_path.open("wb") as log:
-        process = subprocess.Popen(cmd, cwd=cwd or project.path, env=full_env, stdout=log,
-                                   stderr=log, start_new_session=True)
+        process = subprocess.Popen(
+            cmd,
+            cwd=cwd or project.path,
+            env=full_env,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
     running = Service(project, process, port, log_path)
     try:
         deadline = time.monotonic() + timeout
         while True:
             if process.poll() is not None:
-                raise AssertionError(f"gunicorn exited {process.returncode}:\n"
-                                     + log_path.read_text()[-6000:])
+                raise AssertionError(
+                    f"gunicorn exited {process.returncode}:\n" + log_path.read_text()[-6000:]
+                )
             try:
                 if running.get("/health/live", timeout=2).status == 200:
                     break
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise AssertionError(f"gunicorn did not answer in {timeout}s:\n"
-                                     + log_path.read_text()[-6000:])
+                raise AssertionError(
+                    f"gunicorn did not answer in {timeout}s:\n" + log_path.read_text()[-6000:]
+                )
             time.sleep(0.2)
         yield running
     finally:
@@ -337,22 +362,48 @@ class PostgresInstance:
         if self.prefix:
             shutil.chown(self.base, "postgres", "postgres")
         self.port = free_port()
-        subprocess.run([*self.prefix, str(self.bindir / "initdb"), "-D", str(self.data), "-U",
-                        "postgres", "-A", "trust", "--no-sync", "-E", "UTF8"],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [
+                *self.prefix,
+                str(self.bindir / "initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ],
+            check=True,
+            capture_output=True,
+        )
         self.frozen: list[int] = []
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 
     def _pg_ctl(self, *args: str) -> None:
-        subprocess.run([*self.prefix, str(self.bindir / "pg_ctl"), "-D", str(self.data), *args],
-                       check=True, capture_output=True, timeout=60)
+        subprocess.run(
+            [*self.prefix, str(self.bindir / "pg_ctl"), "-D", str(self.data), *args],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
 
     def start(self) -> None:
-        self._pg_ctl("-l", str(self.base / "server.log"), "-w", "-t", "60", "start", "-o",
-                     f"-h 127.0.0.1 -p {self.port} -k {self.base} -F -c fsync=off "
-                     "-c full_page_writes=off -c synchronous_commit=off")
+        self._pg_ctl(
+            "-l",
+            str(self.base / "server.log"),
+            "-w",
+            "-t",
+            "60",
+            "start",
+            "-o",
+            f"-h 127.0.0.1 -p {self.port} -k {self.base} -F -c fsync=off "
+            "-c full_page_writes=off -c synchronous_commit=off",
+        )
 
     def stop(self) -> None:
         self._pg_ctl("-m", "fast", "-w", "stop")
@@ -393,9 +444,22 @@ class RedisInstance:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.base)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.base),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 20
         while True:
             try:
@@ -472,7 +536,7 @@ def parse_envelope(data: bytes) -> list[tuple[dict[str, Any], bytes]]:
         if length is None:
             payload, _, rest = rest.partition(b"\n")
         else:
-            payload, rest = rest[:length], rest[length + 1:]
+            payload, rest = rest[:length], rest[length + 1 :]
         items.append((item_header, payload))
     return items
 

@@ -1,4 +1,4 @@
-"""Shared helpers for the template's suite: rendering, answer sets, interpreters, ports, processes."""
+"""Helpers for the template's suite: rendering, answer sets, interpreters, ports, processes."""
 
 from __future__ import annotations
 
@@ -97,9 +97,13 @@ def render(dst: Path, answers: Mapping[str, Any] | None = None, **kwargs: Any) -
 
 def python_for(version: str) -> Path:
     """The pyenv interpreter for a minor version; fails loudly when the machine lacks it."""
-    candidates = sorted(glob.glob(str(PYENV_ROOT / "versions" / f"{version}.*" / "bin" / f"python{version}")))
+    candidates = sorted(
+        glob.glob(str(PYENV_ROOT / "versions" / f"{version}.*" / "bin" / f"python{version}"))
+    )
     if not candidates:
-        raise RuntimeError(f"no Python {version} under {PYENV_ROOT}/versions: install it with pyenv")
+        raise RuntimeError(
+            f"no Python {version} under {PYENV_ROOT}/versions: install it with pyenv"
+        )
     return Path(candidates[-1])
 
 
@@ -109,12 +113,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run(cmd: list[str] | str, cwd: Path | None = None, env: Mapping[str, str] | None = None,
-        timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess[str]:
+def run(
+    cmd: list[str] | str,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 600,
+    check: bool = True,
+) -> subprocess.CompletedProcess[str]:
     """Run a command, and on failure raise with its whole output so the CI log says why."""
     proc = subprocess.run(
-        cmd, cwd=cwd, env=dict(env) if env is not None else None, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout,
+        cmd,
+        cwd=cwd,
+        env=dict(env) if env is not None else None,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        timeout=timeout,
         shell=isinstance(cmd, str),
     )
     if check and proc.returncode != 0:

@@ -39,8 +39,11 @@ class Project:
             return
         if not UV.exists():
             raise AssertionError(f"{UV} missing: run `bash scripts/test`, which installs uv")
-        proc = run([str(UV), "sync", "--python", str(python_for(self.combo.python_version))],
-                   cwd=self.path, check=False)
+        proc = run(
+            [str(UV), "sync", "--python", str(python_for(self.combo.python_version))],
+            cwd=self.path,
+            check=False,
+        )
         if proc.returncode != 0:
             self._sync_error = f"uv sync failed in {self.path}:\n{proc.stdout}"
             raise AssertionError(self._sync_error)
@@ -48,8 +51,12 @@ class Project:
 
     def tool(self, *args: str, env: dict[str, str] | None = None, timeout: float = 600) -> str:
         self.sync()
-        return run([str(self.bin / args[0]), *args[1:]], cwd=self.path,
-                   env={**os.environ, **(env or {})}, timeout=timeout).stdout
+        return run(
+            [str(self.bin / args[0]), *args[1:]],
+            cwd=self.path,
+            env={**os.environ, **(env or {})},
+            timeout=timeout,
+        ).stdout
 
 
 _projects: dict[str, Project] = {}
@@ -68,8 +75,9 @@ def expected_workers(combo: Combo) -> int:
     return min(2 * len(os.sched_getaffinity(0)) + 1, 16)
 
 
-def http_get(url: str, headers: dict[str, str] | None = None,
-             timeout: float = 5) -> tuple[int, dict[str, str], bytes]:
+def http_get(
+    url: str, headers: dict[str, str] | None = None, timeout: float = 5
+) -> tuple[int, dict[str, str], bytes]:
     request = urllib.request.Request(url, headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -93,8 +101,9 @@ class Running:
         return lines
 
 
-def start_gunicorn(project: Project, env: dict[str, str | None], args: list[str],
-                   log_path: Path) -> subprocess.Popen[bytes]:
+def start_gunicorn(
+    project: Project, env: dict[str, str | None], args: list[str], log_path: Path
+) -> subprocess.Popen[bytes]:
     """`gunicorn -c gunicorn.conf.py [args]` in the project; env adds to the environment and a
     None value removes the variable."""
     project.sync()
@@ -105,14 +114,24 @@ def start_gunicorn(project: Project, env: dict[str, str | None], args: list[str]
         else:
             full_env[key] = value
     with log_path.open("wb") as log:
-        return subprocess.Popen([str(project.bin / "gunicorn"), "-c", "gunicorn.conf.py", *args],
-                                cwd=project.path, env=full_env, stdout=log, stderr=log,
-                                start_new_session=True)
+        return subprocess.Popen(
+            [str(project.bin / "gunicorn"), "-c", "gunicorn.conf.py", *args],
+            cwd=project.path,
+            env=full_env,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
 
 
 @contextlib.contextmanager
-def boot(project: Project, env: dict[str, str | None], timeout: float = 90,
-         bind_via: str = "env", args: tuple[str, ...] = ()) -> Iterator[Running]:
+def boot(
+    project: Project,
+    env: dict[str, str | None],
+    timeout: float = 90,
+    bind_via: str = "env",
+    args: tuple[str, ...] = (),
+) -> Iterator[Running]:
     """Start the service on a free port, wait for /health/live; stop it (SIGTERM) afterwards.
 
     bind_via: "env" passes --bind in GUNICORN_CMD_ARGS, "cli" on the command line (both must

@@ -1,4 +1,4 @@
-"""Throwaway PostgreSQL and Redis servers on free loopback ports, from the machine's own binaries."""
+"""Throwaway PostgreSQL and Redis servers on free loopback ports, from the local binaries."""
 
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ def _pg_bindir() -> Path:
         return Path(os.path.realpath(found)).parent
     candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
     if not candidates:
-        raise RuntimeError("PostgreSQL binaries not found: apt-get install postgresql (scripts/test does)")
+        raise RuntimeError(
+            "PostgreSQL binaries not found: apt-get install postgresql (scripts/test does)"
+        )
     return Path(candidates[-1]).parent
 
 
@@ -39,9 +41,25 @@ class Postgres:
 
     def psql(self, sql: str, database: str = "postgres") -> None:
         subprocess.run(
-            [str(self.bindir / "psql"), "-h", self.host, "-p", str(self.port), "-U", self.user,
-             "-d", database, "-v", "ON_ERROR_STOP=1", "-q", "-c", sql],
-            check=True, capture_output=True, text=True,
+            [
+                str(self.bindir / "psql"),
+                "-h",
+                self.host,
+                "-p",
+                str(self.port),
+                "-U",
+                self.user,
+                "-d",
+                database,
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-q",
+                "-c",
+                sql,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
         )
 
     def create_database(self, name: str) -> str:
@@ -57,7 +75,9 @@ def _as_postgres_user() -> list[str]:
     try:
         pwd.getpwnam("postgres")
     except KeyError as exc:
-        raise RuntimeError("running as root needs the 'postgres' system user (apt-get install postgresql)") from exc
+        raise RuntimeError(
+            "running as root needs the 'postgres' system user (apt-get install postgresql)"
+        ) from exc
     return ["runuser", "-u", "postgres", "--"]
 
 
@@ -70,20 +90,50 @@ def postgres_server() -> Iterator[Postgres]:
     if prefix:
         shutil.chown(base, "postgres", "postgres")
     port = free_port()
-    subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
-                    "--no-sync", "-E", "UTF8"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            *prefix,
+            str(bindir / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+        ],
+        check=True,
+        capture_output=True,
+    )
     log = base / "server.log"
     subprocess.run(
-        [*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "start",
-         "-o", f"-h 127.0.0.1 -p {port} -k {base} -F -c fsync=off -c full_page_writes=off "
-               "-c synchronous_commit=off -c max_connections=300"],
-        check=True, capture_output=True,
+        [
+            *prefix,
+            str(bindir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-l",
+            str(log),
+            "-w",
+            "-t",
+            "60",
+            "start",
+            "-o",
+            f"-h 127.0.0.1 -p {port} -k {base} -F -c fsync=off -c full_page_writes=off "
+            "-c synchronous_commit=off -c max_connections=300",
+        ],
+        check=True,
+        capture_output=True,
     )
     try:
         yield Postgres("127.0.0.1", port, "postgres", bindir)
     finally:
-        subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True)
+        subprocess.run(
+            [*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+            capture_output=True,
+        )
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -100,13 +150,29 @@ class Redis:
 def redis_server() -> Iterator[Redis]:
     binary = shutil.which("redis-server")
     if not binary:
-        raise RuntimeError("redis-server not found: apt-get install redis-server (scripts/test does)")
+        raise RuntimeError(
+            "redis-server not found: apt-get install redis-server (scripts/test does)"
+        )
     base = Path(tempfile.mkdtemp(prefix="tpl-redis-"))
     port = free_port()
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(base), "--databases", "64"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(base),
+            "--databases",
+            "64",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         import socket

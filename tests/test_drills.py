@@ -59,8 +59,9 @@ WORKERS = "2"  # WEB_CONCURRENCY for the drills: two workers on a 2-core machine
 
 @pytest.fixture(
     scope="module",
-    params=[pytest.param(c, id=c.id, marks=pytest.mark.xdist_group(c.id))
-            for c in ALL_ENABLED.values()],
+    params=[
+        pytest.param(c, id=c.id, marks=pytest.mark.xdist_group(c.id)) for c in ALL_ENABLED.values()
+    ],
 )
 def combo(request: pytest.FixtureRequest) -> Combo:
     return request.param  # type: ignore[no-any-return]
@@ -73,8 +74,9 @@ def project(combo: Combo) -> Project:
     # The drills must run the generated configuration as generated: check what they rely on.
     config = (project.path / "gunicorn.conf.py").read_text()
     assert re.search(rf"^graceful_timeout = {GRACEFUL_TIMEOUT}$", config, re.MULTILINE)
-    assert re.search(r"^HEALTH_CHECK_TIMEOUT=1\.0$", (project.path / ".env.example").read_text(),
-                     re.MULTILINE)
+    assert re.search(
+        r"^HEALTH_CHECK_TIMEOUT=1\.0$", (project.path / ".env.example").read_text(), re.MULTILINE
+    )
     return project
 
 
@@ -92,8 +94,9 @@ def database(postgres: Postgres, combo: Combo, project: Project) -> str:
     return url
 
 
-def base_env(database_url: str, redis_url: str, environment: str = "production",
-             **extra: str | None) -> dict[str, str | None]:
+def base_env(
+    database_url: str, redis_url: str, environment: str = "production", **extra: str | None
+) -> dict[str, str | None]:
     return {
         "ENVIRONMENT": environment,
         "SECRET_KEY": secrets.token_urlsafe(48),
@@ -119,21 +122,30 @@ def receiver() -> Iterator[SentryReceiver]:
 
 
 @pytest.fixture(scope="module")
-def production(project: Project, workdir: Path, database: str, redis: Redis, combo: Combo,
-               receiver: SentryReceiver) -> Iterator[Service]:
+def production(
+    project: Project,
+    workdir: Path,
+    database: str,
+    redis: Redis,
+    combo: Combo,
+    receiver: SentryReceiver,
+) -> Iterator[Service]:
     """The service as production runs it, reporting to the loopback Sentry receiver."""
-    env = base_env(database, redis.url(redis_db(combo, 0)), SENTRY_DSN=receiver.dsn,
-                   DRILL_DIR=str(workdir))
+    env = base_env(
+        database, redis.url(redis_db(combo, 0)), SENTRY_DSN=receiver.dsn, DRILL_DIR=str(workdir)
+    )
     with service(project, env, workdir, app=DRILL_APP, extra_path=workdir / "drill_app") as svc:
         yield svc
 
 
 @pytest.fixture(scope="module")
-def staging(project: Project, workdir: Path, database: str, redis: Redis,
-            combo: Combo) -> Iterator[Service]:
+def staging(
+    project: Project, workdir: Path, database: str, redis: Redis, combo: Combo
+) -> Iterator[Service]:
     """Staging serves the OpenAPI schema (production does not); no Sentry DSN."""
-    env = base_env(database, redis.url(redis_db(combo, 1)), environment="staging",
-                   DRILL_DIR=str(workdir))
+    env = base_env(
+        database, redis.url(redis_db(combo, 1)), environment="staging", DRILL_DIR=str(workdir)
+    )
     with service(project, env, workdir, app=DRILL_APP, extra_path=workdir / "drill_app") as svc:
         yield svc
 
@@ -152,8 +164,9 @@ def assert_json_error(response: Response, status: int | set[int]) -> dict[str, A
 # --------------------------------------------------------------------------- dependency outage
 
 
-def _ready_until(svc: Service, predicate: Callable[[Response], bool], timeout: float,
-                 consecutive: int = 4) -> float:
+def _ready_until(
+    svc: Service, predicate: Callable[[Response], bool], timeout: float, consecutive: int = 4
+) -> float:
     """Seconds until `consecutive` readiness answers in a row (so every worker) satisfy
     predicate; each request must itself answer within the check timeout plus a second."""
     start = time.monotonic()
@@ -174,8 +187,9 @@ def _dependent_request(svc: Service, dependency: str) -> Response:
     return http_request(svc.port, "GET", "/api/v1/items", timeout=30)
 
 
-def test_dependency_outage_and_recovery(request: pytest.FixtureRequest, project: Project,
-                                        workdir: Path) -> None:
+def test_dependency_outage_and_recovery(
+    request: pytest.FixtureRequest, project: Project, workdir: Path
+) -> None:
     """Stop, then freeze (SIGSTOP: accepts nothing, answers nothing), Redis and then PostgreSQL
     under the running service: readiness names the failed check within its timeout plus a
     second, liveness and routes without the dependency still answer, the routes that need it
@@ -193,8 +207,10 @@ def test_dependency_outage_and_recovery(request: pytest.FixtureRequest, project:
             figures: dict[str, Any] = {}
             # What a request needing the dependency may take at most: Redis' socket timeout
             # (2 x check timeout); PostgreSQL's statement timeout plus its connect timeout.
-            bounds = {"redis": 2 * CHECK_TIMEOUT + 1,
-                      "postgres": COMMAND_TIMEOUT + 5 * CHECK_TIMEOUT + 1}
+            bounds = {
+                "redis": 2 * CHECK_TIMEOUT + 1,
+                "postgres": COMMAND_TIMEOUT + 5 * CHECK_TIMEOUT + 1,
+            }
             for name, server in (("redis", rd), ("postgres", pg)):
                 other = "postgres" if name == "redis" else "redis"
                 for mode in ("stopped", "frozen"):
@@ -210,8 +226,11 @@ def test_dependency_outage_and_recovery(request: pytest.FixtureRequest, project:
 
                     def failed(r: Response, name: str = name, other: str = other) -> bool:
                         body = r.json()
-                        return (r.status == 503 and body["checks"][name] in {"error", "timeout"}
-                                and body["checks"][other] == "ok")
+                        return (
+                            r.status == 503
+                            and body["checks"][name] in {"error", "timeout"}
+                            and body["checks"][other] == "ok"
+                        )
 
                     assert failed(first), first
                     assert time_to_503 <= CHECK_TIMEOUT + 1, first
@@ -223,8 +242,10 @@ def test_dependency_outage_and_recovery(request: pytest.FixtureRequest, project:
                     dependent = [_dependent_request(svc, name) for _ in range(2)]
                     for response in dependent:
                         body = assert_json_error(response, 500)
-                        assert body == {"detail": "Internal Server Error",
-                                        "request_id": response.headers["x-request-id"]}
+                        assert body == {
+                            "detail": "Internal Server Error",
+                            "request_id": response.headers["x-request-id"],
+                        }
                         assert response.seconds <= bounds[name], (name, mode, response)
 
                     if mode == "stopped":
@@ -251,9 +272,14 @@ def test_dependency_outage_and_recovery(request: pytest.FixtureRequest, project:
 # --------------------------------------------------------------------------- draining
 
 
-def test_sigterm_drains_in_flight_requests(request: pytest.FixtureRequest, project: Project,
-                                           workdir: Path, database: str, redis: Redis,
-                                           combo: Combo) -> None:
+def test_sigterm_drains_in_flight_requests(
+    request: pytest.FixtureRequest,
+    project: Project,
+    workdir: Path,
+    database: str,
+    redis: Redis,
+    combo: Combo,
+) -> None:
     """SIGTERM to the master with slow requests in flight: every one completes with 200, the
     workers mark themselves draining at once (readiness 503), the listener closes (new
     connections refused) while those requests still run, and the master exits 0 well within
@@ -265,8 +291,14 @@ def test_sigterm_drains_in_flight_requests(request: pytest.FixtureRequest, proje
     with service(project, env, workdir, app=DRILL_APP, extra_path=workdir / "drill_app") as svc:
         svc.wait_for_workers(int(WORKERS))
         pool = concurrent.futures.ThreadPoolExecutor(count)
-        futures = [pool.submit(svc.get, f"/api/v1/drill/slow?seconds={slow_s}&tag={i}",
-                               timeout=GRACEFUL_TIMEOUT + 10) for i in range(count)]
+        futures = [
+            pool.submit(
+                svc.get,
+                f"/api/v1/drill/slow?seconds={slow_s}&tag={i}",
+                timeout=GRACEFUL_TIMEOUT + 10,
+            )
+            for i in range(count)
+        ]
         deadline = time.monotonic() + 15
         while len(list(markers.glob("started-*"))) < count:
             assert time.monotonic() < deadline, "slow requests did not start"
@@ -310,18 +342,24 @@ def test_sigterm_drains_in_flight_requests(request: pytest.FixtureRequest, proje
     assert drain_s < slow_s + 5, drain_s
     log = svc.log_path.read_text()
     assert "WORKER TIMEOUT" not in log and "SIGKILL" not in log
-    report(request, "drain", {
-        "in_flight": count,
-        "completed_200": sum(r.status == 200 for r in results),
-        "workers_serving_them": len({r.json()["pid"] for r in results}),
-        "draining_flag_after_s": round(max(r.json()["draining_since"] for r in results)
-                                       - sigterm_at, 3),
-        "probes_after_sigterm": {s: sum(1 for _, x in probes if x == s)
-                                 for s in sorted({s for _, s in probes})},
-        "listener_closed_after_s": round(first_refused, 3),
-        "drain_time_s": round(drain_s, 3),
-        "master_exit_code": exit_code,
-    })
+    report(
+        request,
+        "drain",
+        {
+            "in_flight": count,
+            "completed_200": sum(r.status == 200 for r in results),
+            "workers_serving_them": len({r.json()["pid"] for r in results}),
+            "draining_flag_after_s": round(
+                max(r.json()["draining_since"] for r in results) - sigterm_at, 3
+            ),
+            "probes_after_sigterm": {
+                s: sum(1 for _, x in probes if x == s) for s in sorted({s for _, s in probes})
+            },
+            "listener_closed_after_s": round(first_refused, 3),
+            "drain_time_s": round(drain_s, 3),
+            "master_exit_code": exit_code,
+        },
+    )
 
 
 # --------------------------------------------------------------------------- worker crash
@@ -331,9 +369,14 @@ def _log_time(line: dict[str, Any]) -> float:
     return datetime.fromisoformat(str(line["timestamp"]).replace("Z", "+00:00")).timestamp()
 
 
-def test_worker_killed_under_load(request: pytest.FixtureRequest, project: Project,
-                                  workdir: Path, database: str, redis: Redis,
-                                  combo: Combo) -> None:
+def test_worker_killed_under_load(
+    request: pytest.FixtureRequest,
+    project: Project,
+    workdir: Path,
+    database: str,
+    redis: Redis,
+    combo: Combo,
+) -> None:
     """10 s of load at 32 connections from a second process; after 3 s one worker is killed
     with SIGKILL. gunicorn boots a replacement; at least 99.9% of requests succeed."""
     seconds, connections, kill_after = 10, 32, 3.0
@@ -341,10 +384,22 @@ def test_worker_killed_under_load(request: pytest.FixtureRequest, project: Proje
     with service(project, env, workdir) as svc:
         before = svc.wait_for_workers(int(WORKERS))
         load = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "drills_load.py"), "--port", str(svc.port),
-             "--path", "/api/v1/info", "--seconds", str(seconds),
-             "--connections", str(connections)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            [
+                sys.executable,
+                str(ROOT / "tests" / "drills_load.py"),
+                "--port",
+                str(svc.port),
+                "--path",
+                "/api/v1/info",
+                "--seconds",
+                str(seconds),
+                "--connections",
+                str(connections),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             time.sleep(kill_after)
             victim = min(before)
@@ -364,28 +419,40 @@ def test_worker_killed_under_load(request: pytest.FixtureRequest, project: Proje
         # max_requests (10000 + jitter) may also recycle the surviving worker under this load:
         # gracefully, but its keep-alive connections close, which the load generator counts.
         recycled = sum(1 for line in log if "Maximum request limit" in str(line.get("event")))
-        booted = [int(str(line["event"]).rsplit(" ", 1)[1]) for line in log
-                  if str(line.get("event")).startswith("Booting worker with pid:")
-                  and _log_time(line) >= killed_at - 0.5]
+        booted = [
+            int(str(line["event"]).rsplit(" ", 1)[1])
+            for line in log
+            if str(line.get("event")).startswith("Booting worker with pid:")
+            and _log_time(line) >= killed_at - 0.5
+        ]
         assert booted, "no worker booted after the kill"
-        started = [line for line in log
-                   if line.get("event") == f"Started server process [{booted[0]}]"]
+        started = [
+            line for line in log if line.get("event") == f"Started server process [{booted[0]}]"
+        ]
         assert started, "no start line for the replacement worker"
         replaced_after = _log_time(started[0]) - killed_at
         assert svc.get("/health/ready").status == 200
         assert any(f"(pid:{victim})" in str(line.get("event")) for line in svc.log_lines())
     lost = sum(stats["lost_in_flight"].values())
-    report(request, "worker-crash", {
-        "workers": int(WORKERS), "connections": connections, "seconds": stats["seconds"],
-        "sent": stats["sent"], "ok": stats["ok"], "failed": stats["failed"],
-        "failure_reasons": stats["reasons"],
-        "lost_in_flight_then_retried": stats["lost_in_flight"],
-        "retried_ok": stats["retried_ok"],
-        "success_ratio": round(stats["success_ratio"], 5),
-        "requests_per_second": stats["requests_per_second"],
-        "replacement_started_after_s": round(replaced_after, 3),
-        "workers_recycled_by_max_requests": recycled,
-    })
+    report(
+        request,
+        "worker-crash",
+        {
+            "workers": int(WORKERS),
+            "connections": connections,
+            "seconds": stats["seconds"],
+            "sent": stats["sent"],
+            "ok": stats["ok"],
+            "failed": stats["failed"],
+            "failure_reasons": stats["reasons"],
+            "lost_in_flight_then_retried": stats["lost_in_flight"],
+            "retried_ok": stats["retried_ok"],
+            "success_ratio": round(stats["success_ratio"], 5),
+            "requests_per_second": stats["requests_per_second"],
+            "replacement_started_after_s": round(replaced_after, 3),
+            "workers_recycled_by_max_requests": recycled,
+        },
+    )
     assert stats["sent"] > 0
     assert stats["success_ratio"] >= 0.999, stats
     # Only requests in flight on the killed worker's connections were lost (each connection has
@@ -397,46 +464,79 @@ def test_worker_killed_under_load(request: pytest.FixtureRequest, project: Proje
 # --------------------------------------------------------------------------- hostile input
 
 
-def test_schemathesis_finds_no_server_error(request: pytest.FixtureRequest,
-                                            staging: Service, tmp_path: Path) -> None:
+def test_schemathesis_finds_no_server_error(
+    request: pytest.FixtureRequest, staging: Service, tmp_path: Path
+) -> None:
     """schemathesis against the service's own /openapi.json: every check (5xx, status codes,
     content types, response schemas, stateful links), examples and fuzzing bounded in number."""
     schemathesis = Path(sys.executable).parent / "schemathesis"
     assert schemathesis.exists(), "schemathesis missing: it is a dev dependency (uv sync)"
     proc = subprocess.run(
-        [str(schemathesis), "run", f"{staging.base_url}/openapi.json", "--checks", "all",
-         # Starlette answers 405 with the Allow of the first route matching the path (a path
-         # with GET and POST routes says `Allow: POST` to OPTIONS): framework routing, not
-         # this service's code; every other check runs.
-         "--exclude-checks", "allow_header_conformance",
-         # The drill's own routes (a deliberate 500, a deliberate sleep) are not the service's.
-         "--exclude-path-regex", "^/api/v1/drill/",
-         "--max-examples", "25", "--request-timeout", "10", "--workers", "2",
-         "--report", "junit", "--report-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        [
+            str(schemathesis),
+            "run",
+            f"{staging.base_url}/openapi.json",
+            "--checks",
+            "all",
+            # Starlette answers 405 with the Allow of the first route matching the path (a path
+            # with GET and POST routes says `Allow: POST` to OPTIONS): framework routing, not
+            # this service's code; every other check runs.
+            "--exclude-checks",
+            "allow_header_conformance",
+            # The drill's own routes (a deliberate 500, a deliberate sleep) are not the service's.
+            "--exclude-path-regex",
+            "^/api/v1/drill/",
+            "--max-examples",
+            "25",
+            "--request-timeout",
+            "10",
+            "--workers",
+            "2",
+            "--report",
+            "junit",
+            "--report-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-8000:]
     generated = re.search(r"(\d+) generated", output)
-    report(request, "schemathesis", {
-        "test_cases": int(generated.group(1)) if generated else None,
-        "operations": re.search(r"Tested: (\d+)", output).group(1)  # type: ignore[union-attr]
-        if re.search(r"Tested: (\d+)", output) else None,
-        "seed": (re.search(r"Seed: (\d+)", output) or [None, None])[1],
-    })
+    report(
+        request,
+        "schemathesis",
+        {
+            "test_cases": int(generated.group(1)) if generated else None,
+            "operations": re.search(r"Tested: (\d+)", output).group(1)  # type: ignore[union-attr]
+            if re.search(r"Tested: (\d+)", output)
+            else None,
+            "seed": (re.search(r"Seed: (\d+)", output) or [None, None])[1],
+        },
+    )
     # No 5xx in the service's own log either (a worker error the client might not see).
     errors = [line for line in staging.log_lines() if line.get("level") in {"error", "critical"}]
     assert not errors, errors[:3]
 
 
 def _hostile_cases() -> list[tuple[str, bytes, int]]:
-    def req(method: str, target: str, fields: dict[str, str] | None = None,
-            body: bytes = b"", chunked: bool = False) -> bytes:
+    def req(
+        method: str,
+        target: str,
+        fields: dict[str, str] | None = None,
+        body: bytes = b"",
+        chunked: bool = False,
+    ) -> bytes:
         lines = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
         lines += [f"{k}: {v}" for k, v in (fields or {}).items()]
         if chunked:
             lines.append("Transfer-Encoding: chunked")
-            payload = b"".join(b"%x\r\n%s\r\n" % (len(c), c)
-                               for c in (body[i:i + 65536] for i in range(0, len(body), 65536)))
+            payload = b"".join(
+                b"%x\r\n%s\r\n" % (len(c), c)
+                for c in (body[i : i + 65536] for i in range(0, len(body), 65536))
+            )
             body = payload + b"0\r\n\r\n"
         elif body or method == "POST":
             lines.append(f"Content-Length: {len(body)}")
@@ -455,17 +555,24 @@ def _hostile_cases() -> list[tuple[str, bytes, int]]:
         ("oversized body (Content-Length)", req("POST", "/api/v1/items", json_type, big), 413),
         ("oversized body (chunked)", req("POST", "/api/v1/items", json_type, big, True), 413),
         ("over-long header field", req("GET", "/api/v1/info", {"X-Big": "a" * 16000}), 431),
-        ("too many header fields",
-         req("GET", "/api/v1/info", {f"X-F{i}": "1" for i in range(150)}), 431),
+        (
+            "too many header fields",
+            req("GET", "/api/v1/info", {f"X-F{i}": "1" for i in range(150)}),
+            431,
+        ),
         ("over-long request line", req("GET", "/api/v1/info?q=" + "a" * 10000), 414),
         # Before the fix, one such header (100 MB) held a worker until gunicorn killed it.
-        ("32 MB header", b"GET /api/v1/info HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Huge: "
-         + b"a" * 32_000_000 + b"\r\n\r\n", 431),
+        (
+            "32 MB header",
+            b"GET /api/v1/info HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Huge: "
+            + b"a" * 32_000_000
+            + b"\r\n\r\n",
+            431,
+        ),
     ]
 
 
-def test_hostile_and_malformed_input(request: pytest.FixtureRequest,
-                                     production: Service) -> None:
+def test_hostile_and_malformed_input(request: pytest.FixtureRequest, production: Service) -> None:
     """Each hostile request gets its 4xx with a JSON body and a request id, never a 500 or a
     traceback, in well under a second, and the log line written for it carries that id."""
     workers = production.worker_pids()
@@ -485,14 +592,15 @@ def test_hostile_and_malformed_input(request: pytest.FixtureRequest,
     # A malformed X-Request-ID is not refused: it is replaced by a fresh id, which the
     # response and the access line carry (issue 2: a well-formed one is kept).
     for bad in ["has space", "x" * 200, "../../etc/passwd;<script>", "caf\xe9", '{"a": 1}']:
-        response = http_request(production.port, "GET", "/api/v1/info",
-                                {"X-Request-ID": bad})
+        response = http_request(production.port, "GET", "/api/v1/info", {"X-Request-ID": bad})
         assert response.status == 200, response
         request_id = response.headers["x-request-id"]
         assert REQUEST_ID.fullmatch(request_id) and request_id != bad
         access = production.wait_for_log(
-            lambda line, rid=request_id: line.get("request_id") == rid
-            and line.get("event") == "request")
+            lambda line, rid=request_id: (
+                line.get("request_id") == rid and line.get("event") == "request"
+            )
+        )
         assert len(access) == 1 and access[0]["status"] == 200, access
     figures["invalid X-Request-ID"] = {"status": 200, "replaced": 5}
     # The service is whole: no worker was lost to any of it.
@@ -504,9 +612,9 @@ def test_hostile_and_malformed_input(request: pytest.FixtureRequest,
 # --------------------------------------------------------------------------- unhandled errors
 
 
-def test_unhandled_error_is_reported_to_sentry(request: pytest.FixtureRequest,
-                                               production: Service,
-                                               receiver: SentryReceiver) -> None:
+def test_unhandled_error_is_reported_to_sentry(
+    request: pytest.FixtureRequest, production: Service, receiver: SentryReceiver
+) -> None:
     """An exception in a route: a JSON 500 with the request id and nothing of the internals;
     the traceback in the log with the same id; the event at the Sentry endpoint, tagged."""
     start = time.monotonic()
@@ -516,8 +624,9 @@ def test_unhandled_error_is_reported_to_sentry(request: pytest.FixtureRequest,
     assert body == {"detail": "Internal Server Error", "request_id": request_id}
     for secret in (b"RuntimeError", b"internal detail", b"drill_app", b"Traceback"):
         assert secret not in response.body
-    lines = production.wait_for_log(lambda line: line.get("request_id") == request_id
-                                    and "exception" in line)
+    lines = production.wait_for_log(
+        lambda line: line.get("request_id") == request_id and "exception" in line
+    )
     assert lines and "internal detail" in lines[0]["exception"], lines
 
     def tagged(event: dict[str, Any]) -> bool:
@@ -532,20 +641,31 @@ def test_unhandled_error_is_reported_to_sentry(request: pytest.FixtureRequest,
     values = event["exception"]["values"]
     assert any("internal detail" in str(value.get("value")) for value in values), values
     assert event.get("environment") == "production"
-    report(request, "sentry", {"event_arrived_after_s": round(time.monotonic() - start, 3),
-                               "envelopes": receiver.envelopes})
+    report(
+        request,
+        "sentry",
+        {
+            "event_arrived_after_s": round(time.monotonic() - start, 3),
+            "envelopes": receiver.envelopes,
+        },
+    )
 
 
-def test_nothing_reaches_sentry_without_a_dsn(request: pytest.FixtureRequest,
-                                              project: Project, workdir: Path, database: str,
-                                              redis: Redis, combo: Combo) -> None:
+def test_nothing_reaches_sentry_without_a_dsn(
+    request: pytest.FixtureRequest,
+    project: Project,
+    workdir: Path,
+    database: str,
+    redis: Redis,
+    combo: Combo,
+) -> None:
     """The same error with SENTRY_DSN empty: nothing is sent, not even at shutdown (when
     sentry-sdk would flush). A receiver listens, as for the production service."""
     with sentry_receiver() as quiet:
-        env = base_env(database, redis.url(redis_db(combo, 4)), SENTRY_DSN="",
-                       DRILL_DIR=str(workdir))
-        with service(project, env, workdir, app=DRILL_APP,
-                     extra_path=workdir / "drill_app") as svc:
+        env = base_env(
+            database, redis.url(redis_db(combo, 4)), SENTRY_DSN="", DRILL_DIR=str(workdir)
+        )
+        with service(project, env, workdir, app=DRILL_APP, extra_path=workdir / "drill_app") as svc:
             response = svc.get("/api/v1/drill/boom")
             assert response.status == 500
             svc.process.send_signal(signal.SIGTERM)
@@ -563,20 +683,25 @@ def test_nothing_reaches_sentry_without_a_dsn(request: pytest.FixtureRequest,
     ids=["missing", "placeholder", "too-short"],
 )
 def test_production_refuses_to_start_without_a_real_secret_key(
-        project: Project, tmp_path: Path, secret_key: str | None) -> None:
+    project: Project, tmp_path: Path, secret_key: str | None
+) -> None:
     """No .env in the working directory, so SECRET_KEY comes from the environment alone."""
     port = free_port()
-    env = base_env("postgresql://u@127.0.0.1:1/db", "redis://127.0.0.1:1/0",
-                   SECRET_KEY=secret_key)
+    env = base_env("postgresql://u@127.0.0.1:1/db", "redis://127.0.0.1:1/0", SECRET_KEY=secret_key)
     full_env = {**os.environ, "GUNICORN_CMD_ARGS": f"--bind 127.0.0.1:{port}"}
     for key, value in env.items():
         if value is None:
             full_env.pop(key, None)
         else:
             full_env[key] = value
-    proc = subprocess.run([str(project.bin / "gunicorn"), "-c",
-                           str(project.path / "gunicorn.conf.py")],
-                          cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [str(project.bin / "gunicorn"), "-c", str(project.path / "gunicorn.conf.py")],
+        cwd=tmp_path,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output
     assert "SECRET_KEY" in output, output
@@ -595,11 +720,13 @@ def test_cors_and_allowed_hosts(production: Service) -> None:
     preflight = {"Access-Control-Request-Method": "POST"}
     ok = production.get("/api/v1/info", headers={"Origin": allowed})
     assert ok.headers.get("access-control-allow-origin") == allowed
-    refused = http_request(production.port, "OPTIONS", "/api/v1/items",
-                           {"Origin": evil, **preflight})
+    refused = http_request(
+        production.port, "OPTIONS", "/api/v1/items", {"Origin": evil, **preflight}
+    )
     assert refused.status == 400 and "access-control-allow-origin" not in refused.headers
-    accepted = http_request(production.port, "OPTIONS", "/api/v1/items",
-                            {"Origin": allowed, **preflight})
+    accepted = http_request(
+        production.port, "OPTIONS", "/api/v1/items", {"Origin": allowed, **preflight}
+    )
     assert accepted.status == 200
     assert accepted.headers.get("access-control-allow-origin") == allowed
     simple = production.get("/api/v1/info", headers={"Origin": evil})

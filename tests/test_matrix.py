@@ -35,11 +35,26 @@ DEPLOYMENT_FILES = {
     "systemd": ["deploy/systemd/my-service.service"],
 }
 COMMON_FILES = [
-    ".copier-answers.yml", ".env.example", ".env", ".gitignore", ".pre-commit-config.yaml",
-    ".python-version", "Makefile", "README.md", "pyproject.toml", "gunicorn.conf.py",
-    "src/{pkg}/__init__.py", "src/{pkg}/main.py", "src/{pkg}/settings.py", "src/{pkg}/logs.py",
-    "src/{pkg}/middleware.py", "src/{pkg}/health.py", "src/{pkg}/api.py", "tests/conftest.py",
-    "deploy/nginx/my-service.conf", ".github/workflows/ci.yml",
+    ".copier-answers.yml",
+    ".env.example",
+    ".env",
+    ".gitignore",
+    ".pre-commit-config.yaml",
+    ".python-version",
+    "Makefile",
+    "README.md",
+    "pyproject.toml",
+    "gunicorn.conf.py",
+    "src/{pkg}/__init__.py",
+    "src/{pkg}/main.py",
+    "src/{pkg}/settings.py",
+    "src/{pkg}/logs.py",
+    "src/{pkg}/middleware.py",
+    "src/{pkg}/health.py",
+    "src/{pkg}/api.py",
+    "tests/conftest.py",
+    "deploy/nginx/my-service.conf",
+    ".github/workflows/ci.yml",
 ]
 
 matrix = pytest.mark.parametrize(
@@ -134,8 +149,9 @@ def test_boots_under_gunicorn(combo: Combo, postgres: Postgres, redis: Redis) ->
     with boot(project, env, bind_via=bind_via) as server:
         status, headers, body = http_get(server.base_url + "/health/ready")
         assert status == 200, body
-        status, headers, _ = http_get(server.base_url + "/health/live",
-                                      headers={"X-Request-ID": f"boot-{combo.id}"})
+        status, headers, _ = http_get(
+            server.base_url + "/health/live", headers={"X-Request-ID": f"boot-{combo.id}"}
+        )
         assert status == 200
         assert headers["x-request-id"] == f"boot-{combo.id}"
         # Production hides the API docs.
@@ -144,8 +160,11 @@ def test_boots_under_gunicorn(combo: Combo, postgres: Postgres, redis: Redis) ->
         assert server.process.wait(timeout=40) == 0
 
     lines = server.log_lines()  # every line is JSON
-    access = [line for line in lines if line.get("event") == "request"
-              and line.get("request_id") == f"boot-{combo.id}"]
+    access = [
+        line
+        for line in lines
+        if line.get("event") == "request" and line.get("request_id") == f"boot-{combo.id}"
+    ]
     assert len(access) == 1, access
     assert access[0]["path"] == "/health/live"
     assert access[0]["status"] == 200

@@ -32,8 +32,16 @@ TOOLS = Path(sys.executable).parent  # the template's dev environment: pre-commi
 
 CONFLICT_MARKER = re.compile(rb"^(<<<<<<<|>>>>>>>)( |$)", re.MULTILINE)
 # Never part of a snapshot: VCS, environments, caches, outputs.
-SNAPSHOT_SKIP = {".git", ".venv", ".tools", "__pycache__", ".pytest_cache", ".ruff_cache",
-                 ".mypy_cache", "out"}
+SNAPSHOT_SKIP = {
+    ".git",
+    ".venv",
+    ".tools",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".mypy_cache",
+    "out",
+}
 
 
 # ---------------------------------------------------------------- helpers
@@ -78,12 +86,22 @@ class TemplateRepo:
         copier_yml = self.path / "copier.yml"
         text = copier_yml.read_text()
         if re.search(r"^_migrations: \[\]$", text, re.MULTILINE):
-            text = re.sub(r"^_migrations: \[\]$", "_migrations:\n" + entries.rstrip("\n"),
-                          text, count=1, flags=re.MULTILINE)
+            text = re.sub(
+                r"^_migrations: \[\]$",
+                "_migrations:\n" + entries.rstrip("\n"),
+                text,
+                count=1,
+                flags=re.MULTILINE,
+            )
         else:
             assert re.search(r"^_migrations:$", text, re.MULTILINE), "copier.yml: no _migrations"
-            text = re.sub(r"^_migrations:$", "_migrations:\n" + entries.rstrip("\n"),
-                          text, count=1, flags=re.MULTILINE)
+            text = re.sub(
+                r"^_migrations:$",
+                "_migrations:\n" + entries.rstrip("\n"),
+                text,
+                count=1,
+                flags=re.MULTILINE,
+            )
         copier_yml.write_text(text)
 
     def release(self, tag: str) -> None:
@@ -96,8 +114,12 @@ class TemplateRepo:
 def template(tmp_path: Path) -> TemplateRepo:
     """The template's working tree (uncommitted changes included), committed and tagged v1.0.0."""
     path = tmp_path / "template-repo"
-    shutil.copytree(ROOT, path, symlinks=True,
-                    ignore=lambda _dir, names: [n for n in names if n in SNAPSHOT_SKIP])
+    shutil.copytree(
+        ROOT,
+        path,
+        symlinks=True,
+        ignore=lambda _dir, names: [n for n in names if n in SNAPSHOT_SKIP],
+    )
     git("init", "-q", cwd=path)
     repo = TemplateRepo(path)
     repo.release("v1.0.0")
@@ -106,8 +128,15 @@ def template(tmp_path: Path) -> TemplateRepo:
 
 def generate(template: TemplateRepo, dst: Path, ref: str, **answers: Any) -> Path:
     """Generate at a tag and commit everything, as the after-copy message tells the user."""
-    run_copy(str(template.path), str(dst), data=answers, vcs_ref=ref, defaults=True, unsafe=True,
-             quiet=True)
+    run_copy(
+        str(template.path),
+        str(dst),
+        data=answers,
+        vcs_ref=ref,
+        defaults=True,
+        unsafe=True,
+        quiet=True,
+    )
     git("init", "-q", cwd=dst)
     git("add", "-A", cwd=dst)
     git("commit", "-q", "-m", "Generate from copier-fastapi", cwd=dst)
@@ -116,8 +145,9 @@ def generate(template: TemplateRepo, dst: Path, ref: str, **answers: Any) -> Pat
 
 def update(dst: Path, ref: str, **kwargs: Any) -> None:
     """`copier update --trust --defaults --vcs-ref REF`, from the recorded template path."""
-    run_update(str(dst), vcs_ref=ref, defaults=True, overwrite=True, unsafe=True, quiet=True,
-               **kwargs)
+    run_update(
+        str(dst), vcs_ref=ref, defaults=True, overwrite=True, unsafe=True, quiet=True, **kwargs
+    )
 
 
 def check_update(dst: Path) -> int:
@@ -140,8 +170,11 @@ def project_files(dst: Path) -> list[Path]:
 
 
 def files_with_conflict_markers(dst: Path) -> list[str]:
-    return [str(p.relative_to(dst)) for p in project_files(dst)
-            if CONFLICT_MARKER.search(p.read_bytes())]
+    return [
+        str(p.relative_to(dst))
+        for p in project_files(dst)
+        if CONFLICT_MARKER.search(p.read_bytes())
+    ]
 
 
 def rej_files(dst: Path) -> list[str]:
@@ -161,13 +194,22 @@ def run_offline_hooks(dst: Path, tmp: Path) -> subprocess.CompletedProcess[str]:
 
     Remote hook repositories need a clone from the network; these need nothing.
     """
-    hooks = [hook for repo in pre_commit_config(dst)["repos"] if repo["repo"] == "local"
-             for hook in repo["hooks"] if hook.get("language") in {"pygrep", "fail"}]
+    hooks = [
+        hook
+        for repo in pre_commit_config(dst)["repos"]
+        if repo["repo"] == "local"
+        for hook in repo["hooks"]
+        if hook.get("language") in {"pygrep", "fail"}
+    ]
     config = tmp / "offline-hooks.yaml"
     config.write_text(yaml.safe_dump({"repos": [{"repo": "local", "hooks": hooks}]}))
     env = {**os.environ, "PRE_COMMIT_HOME": str(tmp / "pre-commit-home")}
-    return run([str(TOOLS / "pre-commit"), "run", "--config", str(config), "--all-files"],
-               cwd=dst, env=env, check=False)
+    return run(
+        [str(TOOLS / "pre-commit"), "run", "--config", str(config), "--all-files"],
+        cwd=dst,
+        env=env,
+        check=False,
+    )
 
 
 def conflict_marker_hook_catches(dst: Path, tmp: Path, path: str) -> bool:
@@ -204,8 +246,11 @@ def run_project_tests(dst: Path, **env: str) -> None:
     """The generated project's own checks, as its README runs them: uv sync, then pytest."""
     version = answers(dst)["python_version"]
     run([uv(), "sync", "--python", str(python_for(version))], cwd=dst, env=project_env())
-    run([uv(), "run", "--no-sync", "pytest", "-q", "-p", "no:cacheprovider"], cwd=dst,
-        env=project_env(**env))
+    run(
+        [uv(), "run", "--no-sync", "pytest", "-q", "-p", "no:cacheprovider"],
+        cwd=dst,
+        env=project_env(**env),
+    )
 
 
 @pytest.fixture
@@ -216,10 +261,24 @@ def booted() -> Iterator[Callable[..., str]]:
     def start(dst: Path, **env: str) -> str:
         port = free_port()
         proc = subprocess.Popen(
-            [uv(), "run", "--no-sync", "gunicorn", "-c", "gunicorn.conf.py",
-             "--bind", f"127.0.0.1:{port}", "--workers", "1"],
-            cwd=dst, env=project_env(**env), text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                uv(),
+                "run",
+                "--no-sync",
+                "gunicorn",
+                "-c",
+                "gunicorn.conf.py",
+                "--bind",
+                f"127.0.0.1:{port}",
+                "--workers",
+                "1",
+            ],
+            cwd=dst,
+            env=project_env(**env),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         procs.append(proc)
         url = f"http://127.0.0.1:{port}"
@@ -342,7 +401,10 @@ def test_same_lines_changed_on_both_sides_give_a_conflict_never_silent_loss(
 
 
 def test_enabling_redis_through_update_adds_everything_redis_needs(
-    template: TemplateRepo, dst: Path, redis: Redis, capfd: pytest.CaptureFixture[str],
+    template: TemplateRepo,
+    dst: Path,
+    redis: Redis,
+    capfd: pytest.CaptureFixture[str],
     booted: Callable[..., str],
 ) -> None:
     generate(template, dst, "v1.0.0", redis=False)
@@ -379,18 +441,27 @@ def test_enabling_redis_through_update_adds_everything_redis_needs(
 
 def test_template_side_leftovers_never_reach_a_project(template: TemplateRepo, dst: Path) -> None:
     """_exclude: caches, editor backups and update leftovers in template/ are not rendered."""
-    junk = ["__pycache__/mod.cpython-311.pyc", ".ruff_cache/CACHEDIR.TAG", ".mypy_cache/x.json",
-            ".pytest_cache/README.md", "~notes.txt", "README.md.rej", "README.md.orig",
-            "src/{{ package_name }}/__pycache__/api.cpython-311.pyc"]
+    junk = [
+        "__pycache__/mod.cpython-311.pyc",
+        ".ruff_cache/CACHEDIR.TAG",
+        ".mypy_cache/x.json",
+        ".pytest_cache/README.md",
+        "~notes.txt",
+        "README.md.rej",
+        "README.md.orig",
+        "src/{{ package_name }}/__pycache__/api.cpython-311.pyc",
+    ]
     for name in junk:
         path = template.path / "template" / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("junk\n")
     template.release("v1.0.1")
     generate(template, dst, "v1.0.1")
-    leaked = [str(p.relative_to(dst)) for p in dst.rglob("*")
-              if p.is_file() and ".git" not in p.relative_to(dst).parts
-              and p.read_bytes() == b"junk\n"]
+    leaked = [
+        str(p.relative_to(dst))
+        for p in dst.rglob("*")
+        if p.is_file() and ".git" not in p.relative_to(dst).parts and p.read_bytes() == b"junk\n"
+    ]
     assert leaked == []
 
 
@@ -438,8 +509,9 @@ RENAMED_ANSWER = "migration: renamed answer probe_greeting to probe_salutation"
 
 def _user_env(dst: Path) -> None:
     env = dst / ".env"
-    env.write_text(env.read_text().replace("PROBE_OLD_SETTING=from-template",
-                                           "PROBE_OLD_SETTING=users-value"))
+    env.write_text(
+        env.read_text().replace("PROBE_OLD_SETTING=from-template", "PROBE_OLD_SETTING=users-value")
+    )
 
 
 def test_migrations_run_exactly_for_the_versions_they_name(

@@ -83,8 +83,9 @@ GOOD_ANSWERS = [
 
 
 @pytest.mark.generate
-@pytest.mark.parametrize(("question", "value"), GOOD_ANSWERS,
-                         ids=[f"{q}={v}" for q, v in GOOD_ANSWERS])
+@pytest.mark.parametrize(
+    ("question", "value"), GOOD_ANSWERS, ids=[f"{q}={v}" for q, v in GOOD_ANSWERS]
+)
 def test_good_answer_is_accepted(tmp_path: Path, question: str, value: object) -> None:
     dst = render(tmp_path / "project", {question: value})
     assert (dst / "pyproject.toml").is_file()
