@@ -28,7 +28,7 @@ import pytest
 
 from .helpers import ROOT, free_port
 from .project import Project
-from .servers import _as_postgres_user, _pg_bindir
+from .servers import _as_postgres_user, _pg_bindir, initdb, redis_command
 
 # A module written next to (not into) the generated project and put on PYTHONPATH: the generated
 # application plus two routes the drills need. gunicorn gets it as its positional app argument,
@@ -362,23 +362,7 @@ class PostgresInstance:
         if self.prefix:
             shutil.chown(self.base, "postgres", "postgres")
         self.port = free_port()
-        subprocess.run(
-            [
-                *self.prefix,
-                str(self.bindir / "initdb"),
-                "-D",
-                str(self.data),
-                "-U",
-                "postgres",
-                "-A",
-                "trust",
-                "--no-sync",
-                "-E",
-                "UTF8",
-            ],
-            check=True,
-            capture_output=True,
-        )
+        initdb(self.bindir, self.data, self.prefix)
         self.frozen: list[int] = []
 
     def url(self, database: str = "postgres") -> str:
@@ -444,19 +428,7 @@ class RedisInstance:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.base),
-            ],
+            redis_command(self.binary, self.port, self.base),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -81,6 +81,26 @@ def _as_postgres_user() -> list[str]:
     return ["runuser", "-u", "postgres", "--"]
 
 
+def redis_command(binary: str, port: int, base: Path) -> list[str]:
+    """redis-server on a loopback port, nothing persisted, its files in `base`."""
+    settings = {"port": str(port), "bind": "127.0.0.1", "save": "", "appendonly": "no"}
+    settings["dir"] = str(base)
+    return [binary, *(arg for key, value in settings.items() for arg in (f"--{key}", value))]
+
+
+def initdb(bindir: Path, data: Path, prefix: list[str]) -> None:
+    """A new PostgreSQL cluster in `data`: user postgres, trust on loopback, UTF-8, no fsync."""
+    subprocess.run(
+        [
+            *prefix,
+            str(bindir / "initdb"),
+            *("-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+
+
 @contextmanager
 def postgres_server() -> Iterator[Postgres]:
     bindir = _pg_bindir()
@@ -90,23 +110,7 @@ def postgres_server() -> Iterator[Postgres]:
     if prefix:
         shutil.chown(base, "postgres", "postgres")
     port = free_port()
-    subprocess.run(
-        [
-            *prefix,
-            str(bindir / "initdb"),
-            "-D",
-            str(data),
-            "-U",
-            "postgres",
-            "-A",
-            "trust",
-            "--no-sync",
-            "-E",
-            "UTF8",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    initdb(bindir, data, prefix)
     log = base / "server.log"
     subprocess.run(
         [
@@ -156,21 +160,7 @@ def redis_server() -> Iterator[Redis]:
     base = Path(tempfile.mkdtemp(prefix="tpl-redis-"))
     port = free_port()
     proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(base),
-            "--databases",
-            "64",
-        ],
+        [*redis_command(binary, port, base), "--databases", "64"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
