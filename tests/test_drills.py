@@ -490,8 +490,11 @@ def test_schemathesis_finds_no_server_error(
             "25",
             "--request-timeout",
             "10",
+            # One worker: with two threads, Python 3.11's ast.parse (hypothesis describing its
+            # lambdas) can fail with "AST constructor recursion depth mismatch" (CPython
+            # gh-106905), a crash of the tool, not a finding; seen once in CI.
             "--workers",
-            "2",
+            "1",
             "--report",
             "junit",
             "--report-dir",
