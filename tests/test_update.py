@@ -85,23 +85,10 @@ class TemplateRepo:
         """Add `_migrations` entries (YAML list items, two-space indent) to copier.yml."""
         copier_yml = self.path / "copier.yml"
         text = copier_yml.read_text()
-        if re.search(r"^_migrations: \[\]$", text, re.MULTILINE):
-            text = re.sub(
-                r"^_migrations: \[\]$",
-                "_migrations:\n" + entries.rstrip("\n"),
-                text,
-                count=1,
-                flags=re.MULTILINE,
-            )
-        else:
-            assert re.search(r"^_migrations:$", text, re.MULTILINE), "copier.yml: no _migrations"
-            text = re.sub(
-                r"^_migrations:$",
-                "_migrations:\n" + entries.rstrip("\n"),
-                text,
-                count=1,
-                flags=re.MULTILINE,
-            )
+        # An empty list (`_migrations: []`) or a list with entries already (`_migrations:`).
+        heading = re.compile(r"^_migrations:(?: \[\])?$", re.MULTILINE)
+        assert heading.search(text), "copier.yml: no _migrations"
+        text = heading.sub(lambda _: "_migrations:\n" + entries.rstrip("\n"), text, count=1)
         copier_yml.write_text(text)
 
     def release(self, tag: str) -> None:
