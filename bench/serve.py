@@ -2,7 +2,8 @@
 FastAPI app under the same gunicorn settings, start time, memory per worker, and a profile.
 
 One worker per server, pinned to one core; wrk on another core. Rounds are interleaved (bare,
-generated, bare, generated, ...) so that the noise of a shared machine falls on both sides.
+generated, bare, generated, ...) so that the noise of a shared machine falls on both sides, and
+each round starts with the next server, so that none is always measured first.
 Worker recycling (max_requests) is turned off on both sides with `--max-requests 0`: a saturated
 single worker would otherwise restart every few seconds, in the middle of a measurement.
 """
@@ -510,7 +511,9 @@ def run(
         for r in range(rounds):
             log(f"serve: round {r + 1}/{rounds}")
             for route, path, targets in plan:
-                for srv in targets:
+                # Each round starts with the next server: no server always runs first or last.
+                start_at = r % len(targets)
+                for srv in targets[start_at:] + targets[:start_at]:
                     srv.results[route].append(measure(srv, path, duration, connections, wrk_cpu))
         memory = {
             srv.name: {"worker": memory_kib(srv.worker), "master": memory_kib(srv.proc.pid)}
