@@ -125,7 +125,13 @@ def test_generated_test_suite_passes(combo: Combo, postgres: Postgres, redis: Re
             "TEST_DATABASE_URL": postgres.url("postgres"),
             "TEST_REDIS_URL": redis.url(COMBO_IDS.index(combo.id) + 1),
         }
-    output = project.tool("pytest", "-q", "-p", "no:cacheprovider", env=env)
+    # As in the project's CI, on a fresh checkout: no .env (it is git-ignored), only TEST_*.
+    dotenv = project.path / ".env"
+    hidden = dotenv.rename(project.path / ".env.hidden-for-ci")
+    try:
+        output = project.tool("pytest", "-q", "-p", "no:cacheprovider", env=env)
+    finally:
+        hidden.rename(dotenv)
     assert re.search(r"\d+ passed", output), output
     assert "skipped" not in output, output
 
