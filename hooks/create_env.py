@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     names = filled_settings(text, values)
     if values:
         print(
-            f"Created {target} from {example} with {len(values)} fresh random secret(s) "
-            f"for: {', '.join(names) or ', '.join(values)}."
+            f"Created {target} from {example} with {len(values)} fresh random secret(s), "
+            f"in: {', '.join(names) or ', '.join(values)}."
         )
     else:
         print(f"Created {target} from {example} (it has no change-me-* placeholder to fill).")
