@@ -200,7 +200,9 @@ class Service:
     def log_lines(self) -> list[dict[str, Any]]:
         """Every line the service wrote, each of which must be a JSON object."""
         lines = []
-        for raw in self.log_path.read_text().splitlines():
+        # JSON lines end at \n alone: splitlines() would also cut inside a string at U+0085 or
+        # U+2028, which JSON leaves unescaped (schemathesis once sent such a path).
+        for raw in self.log_path.read_text().split("\n"):
             if raw.strip():
                 try:
                     lines.append(json.loads(raw))

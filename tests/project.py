@@ -94,7 +94,9 @@ class Running:
 
     def log_lines(self) -> list[dict[str, object]]:
         lines = []
-        for raw in self.log_path.read_text().splitlines():
+        # JSON lines end at \n alone: splitlines() would also cut inside a string at U+0085 or
+        # U+2028, which JSON leaves unescaped (schemathesis once sent such a path).
+        for raw in self.log_path.read_text().split("\n"):
             raw = raw.strip()
             if raw:
                 lines.append(json.loads(raw))  # every line must be JSON: fails loudly if not

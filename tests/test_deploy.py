@@ -1202,7 +1202,9 @@ class Service:
 
     def lines(self) -> list[dict[str, Any]]:
         out = []
-        for raw in self.log.read_text().splitlines():
+        # JSON lines end at \n alone: splitlines() would also cut inside a string at U+0085 or
+        # U+2028, which JSON leaves unescaped (schemathesis once sent such a path).
+        for raw in self.log.read_text().split("\n"):
             with contextlib.suppress(ValueError):
                 out.append(json.loads(raw))
         return out
