@@ -116,6 +116,19 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 return
         super().data_received(data)
 
+    # What uvicorn does when the parser fails or sees an upgrade; after a refusal the rest of the
+    # same data may still reach them (the parser goes on after the callback that refused): they
+    # would write after the refusal's end of stream and die on a request that was never handed
+    # over, so they are skipped.
+
+    def send_400_response(self, msg: str) -> None:
+        if not self._refused:
+            super().send_400_response(msg)
+
+    def handle_websocket_upgrade(self) -> None:
+        if not self._refused:
+            super().handle_websocket_upgrade()
+
     # Parser callbacks. The request line and the header fields are checked once the head is
     # complete (data_received bounds what is buffered until then), before the request is handed
     # to the application: one check per request, not a Python call per header field. After a

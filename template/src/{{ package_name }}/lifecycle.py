@@ -10,6 +10,7 @@ not replaced: its own behaviour is unchanged.
 from __future__ import annotations
 
 import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +28,11 @@ class Lifecycle:
     @contextmanager
     def watch_shutdown_signals(self) -> Iterator[None]:
         """Mark the process as draining when the server is told to stop."""
+        if threading.current_thread() is not threading.main_thread():
+            # Only the main thread may set signal handlers, and only it gets signals: an app
+            # run in another thread (Starlette's TestClient, an embedding server) has none to see.
+            yield
+            return
         previous = {sig: signal.getsignal(sig) for sig in SHUTDOWN_SIGNALS}
 
         def handler(signum: int, frame: FrameType | None) -> None:
