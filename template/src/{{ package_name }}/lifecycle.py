@@ -1,10 +1,11 @@
 """What the process knows about its own life: whether it has begun to shut down.
 
 gunicorn stops a worker with SIGTERM (SIGQUIT or SIGINT for a fast exit); uvicorn then closes
-its listener and waits for in-flight requests before the lifespan shutdown runs. Readiness must
-fail from the first moment of that drain, so the load balancer stops sending traffic, which the
-lifespan shutdown would report too late. The signal handlers installed by the server are wrapped,
-not replaced: its own behaviour is unchanged.
+its listener, so new connections are refused, and waits for in-flight requests before the
+lifespan shutdown runs. Connections already open (a proxy's kept-alive ones) may still carry a
+readiness probe: it must fail from the first moment of the drain, so the balancer stops sending
+traffic, which the lifespan shutdown would report too late. The signal handlers installed by
+the server are wrapped, not replaced: its own behaviour is unchanged.
 """
 
 from __future__ import annotations
