@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from .helpers import ROOT, free_port
+from .helpers import ROOT, free_port, json_lines
 from .project import Project
 from .servers import _as_postgres_user, _pg_bindir, initdb, redis_command
 
@@ -200,14 +200,11 @@ class Service:
     def log_lines(self) -> list[dict[str, Any]]:
         """Every line the service wrote, each of which must be a JSON object."""
         lines = []
-        # JSON lines end at \n alone: splitlines() would also cut inside a string at U+0085 or
-        # U+2028, which JSON leaves unescaped (schemathesis once sent such a path).
-        for raw in self.log_path.read_text().split("\n"):
-            if raw.strip():
-                try:
-                    lines.append(json.loads(raw))
-                except json.JSONDecodeError as exc:
-                    raise AssertionError(f"a log line is not JSON: {raw[:500]!r}") from exc
+        for raw in json_lines(self.log_path):
+            try:
+                lines.append(json.loads(raw))
+            except json.JSONDecodeError as exc:
+                raise AssertionError(f"a log line is not JSON: {raw[:500]!r}") from exc
         return lines
 
     def lines_for(self, request_id: str) -> list[dict[str, Any]]:

@@ -136,6 +136,13 @@ def run(
     return proc
 
 
+def json_lines(path: Path) -> list[str]:
+    """The non-blank lines of a JSON-lines log. Lines end at \n alone: str.splitlines() would
+    also cut inside a string at U+0085 or U+2028, which JSON leaves unescaped (schemathesis once
+    sent such a path)."""
+    return [line for line in path.read_text().split("\n") if line.strip()]
+
+
 def stop(process: subprocess.Popen[bytes], timeout: float, group: bool = False) -> None:
     """SIGTERM (to its process group when group), then SIGKILL to the group after timeout.
 

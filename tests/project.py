@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .helpers import UV, Combo, free_port, python_for, render, run, stop
+from .helpers import UV, Combo, free_port, json_lines, python_for, render, run, stop
 
 _WORKDIR = Path(tempfile.mkdtemp(prefix="tpl-matrix-"))
 
@@ -94,12 +94,8 @@ class Running:
 
     def log_lines(self) -> list[dict[str, object]]:
         lines = []
-        # JSON lines end at \n alone: splitlines() would also cut inside a string at U+0085 or
-        # U+2028, which JSON leaves unescaped (schemathesis once sent such a path).
-        for raw in self.log_path.read_text().split("\n"):
-            raw = raw.strip()
-            if raw:
-                lines.append(json.loads(raw))  # every line must be JSON: fails loudly if not
+        for raw in json_lines(self.log_path):
+            lines.append(json.loads(raw))  # every line must be JSON: fails loudly if not
         return lines
 
 

@@ -44,7 +44,18 @@ from click.testing import CliRunner
 from docker.utils.build import exclude_paths
 
 from .drills_support import children_of
-from .helpers import ALL_ENABLED, COMBOS, UV, Combo, free_port, python_for, render, run, stop
+from .helpers import (
+    ALL_ENABLED,
+    COMBOS,
+    UV,
+    Combo,
+    free_port,
+    json_lines,
+    python_for,
+    render,
+    run,
+    stop,
+)
 from .servers import Postgres, Redis
 
 pytestmark = pytest.mark.deploy
@@ -1202,9 +1213,7 @@ class Service:
 
     def lines(self) -> list[dict[str, Any]]:
         out = []
-        # JSON lines end at \n alone: splitlines() would also cut inside a string at U+0085 or
-        # U+2028, which JSON leaves unescaped (schemathesis once sent such a path).
-        for raw in self.log.read_text().split("\n"):
+        for raw in json_lines(self.log):
             with contextlib.suppress(ValueError):
                 out.append(json.loads(raw))
         return out
