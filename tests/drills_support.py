@@ -221,6 +221,50 @@ class Service:
     def worker_pids(self) -> set[int]:
         return children_of(self.process.pid)
 
+    def kill_serving_worker(self, timeout: float = 15) -> int:
+        """SIGKILL a worker that is serving now, and return its pid once the master has reaped
+        it and reported the kill.
+
+        A worker listed a moment ago may have left on its own since (max_requests recycles a
+        busy worker every few seconds): signalling a stale pid fails, or lands on a worker
+        that has already exited. So the victim is chosen at the moment of the kill, held by a
+        pidfd (a reused pid cannot be hit), and the kill counts only when the master logs the
+        worker as killed by the signal; a worker that had exited by itself was not serving, and
+        another one is chosen."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            started = {
+                str(line.get("event")) for line in self.log_lines() if "process [" in str(line)
+            }
+            for pid in sorted(self.worker_pids()):
+                if f"Started server process [{pid}]" not in started:
+                    continue  # still importing the application: not serving yet
+                try:
+                    pidfd = os.pidfd_open(pid)
+                except ProcessLookupError:
+                    continue  # reaped since the listing
+                try:
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                except ProcessLookupError:
+                    os.close(pidfd)
+                    continue
+                try:
+                    while True:  # until the master has reaped it (then the pidfd names nobody)
+                        try:
+                            signal.pidfd_send_signal(pidfd, 0)
+                        except ProcessLookupError:
+                            break
+                        if time.monotonic() > deadline:
+                            raise AssertionError(f"worker {pid} not reaped after SIGKILL")
+                        time.sleep(0.01)
+                finally:
+                    os.close(pidfd)
+                # The master's own line, "Worker (pid:N) was sent SIGKILL!", written as it reaps.
+                if self.wait_for_log(lambda line, pid=pid: _killed_line(line, pid), timeout=5):
+                    return pid
+            time.sleep(0.05)
+        raise AssertionError(f"no serving worker could be killed in {timeout}s")
+
     def startups(self) -> int:
         """How many workers have finished their application startup (lifespan) so far."""
         return sum(
@@ -244,6 +288,11 @@ class Service:
                     f"{count} and {needed}:\n" + self.log_path.read_text()[-4000:]
                 )
             time.sleep(0.1)
+
+
+def _killed_line(line: dict[str, Any], pid: int) -> bool:
+    event = str(line.get("event"))
+    return f"(pid:{pid})" in event and "SIGKILL" in event
 
 
 def children_of(pid: int) -> set[int]:

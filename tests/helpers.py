@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import glob
+import itertools
 import os
 import signal
 import socket
@@ -107,10 +109,51 @@ def python_for(version: str) -> Path:
     return Path(candidates[-1])
 
 
+PORT_BLOCK = 500
+_port_block: tuple[int, Any] | None = None  # (first port, the open lock file that claims it)
+_next_port = itertools.count()
+
+
+def _claim_port_block() -> int:
+    """The first port of a block of PORT_BLOCK loopback ports that this process alone hands
+    out: blocks lie below the kernel's ephemeral range, and each is claimed with a lock file
+    held for the life of the process (so xdist workers, and two suites run side by side, never
+    share one)."""
+    global _port_block
+    if _port_block is None:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+        for first in range(20000, low - PORT_BLOCK + 1, PORT_BLOCK):
+            lock = open(f"/tmp/copier-fastapi-ports-{first}.lock", "w")  # noqa: SIM115
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.close()
+                continue
+            _port_block = (first, lock)
+            break
+        else:
+            raise RuntimeError(f"every block of {PORT_BLOCK} ports from 20000 to {low} is claimed")
+    return _port_block[0]
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port for a server that is about to start, handed to nobody else.
+
+    A port the kernel picks (bind to port 0) comes from the ephemeral range, where another
+    worker's bind to 0 or any outgoing connection's source port (a load drill opens thousands)
+    can take it before the server binds it. These come one after another from this process's
+    own block below that range; one still bound (a server left over from an earlier run) is
+    passed over."""
+    first = _claim_port_block()
+    for _ in range(PORT_BLOCK):
+        port = first + next(_next_port) % PORT_BLOCK
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"every port from {first} to {first + PORT_BLOCK - 1} is bound")
 
 
 def run(
