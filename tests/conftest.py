@@ -2,38 +2,68 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from plumbum import local
+from pytest_copier import CopierFixture
+from pytest_gitconfig import GitConfig
 
 from .servers import Postgres, Redis, postgres_server, redis_server
 
+# pytest-copier renders from a scratch repository holding a copy of these (its copier_template
+# fixture): the template and what copier.yml reads, never the suite, the bench or virtualenvs.
+TEMPLATE_PATHS = ["copier.yml", "template", "hooks", "includes"]
+
+
+@pytest.fixture(scope="session")
+def copier_template_paths() -> list[str]:
+    return TEMPLATE_PATHS
+
+
+@pytest.fixture(scope="session")
+def default_git_user_name() -> str:
+    return "Template Tests"
+
+
+@pytest.fixture(scope="session")
+def default_git_user_email() -> str:
+    return "tests@example.com"
+
+
+@pytest.fixture(scope="session")
+def set_default_gitconfig() -> dict[str, str]:
+    return {"safe.directory": "*"}
+
 
 @pytest.fixture(scope="session", autouse=True)
-def hermetic_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """No user Copier settings, a fixed git identity, no Python downloads by uv."""
+def hermetic_env(
+    tmp_path_factory: pytest.TempPathFactory,
+    sessionpatch: pytest.MonkeyPatch,
+    default_gitconfig: GitConfig,
+) -> Iterator[None]:
+    """No user Copier settings, no system git configuration, no Python downloads by uv. The
+    git identity and global configuration are pytest-gitconfig's (a session file, through
+    pytest-copier's default_gitconfig, which must run first: it clears GIT_* variables)."""
     home = tmp_path_factory.mktemp("home")
     settings = home / "copier-settings.yml"
     settings.write_text("{}\n")
-    saved = dict(os.environ)
-    os.environ.update(
-        {
-            "COPIER_SETTINGS_PATH": str(settings),
-            "GIT_AUTHOR_NAME": "Template Tests",
-            "GIT_AUTHOR_EMAIL": "tests@example.com",
-            "GIT_COMMITTER_NAME": "Template Tests",
-            "GIT_COMMITTER_EMAIL": "tests@example.com",
-            "GIT_CONFIG_GLOBAL": str(home / "gitconfig"),
-            "GIT_CONFIG_NOSYSTEM": "1",
-            "UV_PYTHON_DOWNLOADS": "never",
-        }
-    )
-    (home / "gitconfig").write_text("[init]\n\tdefaultBranch = main\n[safe]\n\tdirectory = *\n")
+    for name, value in {
+        "COPIER_SETTINGS_PATH": str(settings),
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "UV_PYTHON_DOWNLOADS": "never",
+    }.items():
+        sessionpatch.setenv(name, value)
+        sessionpatch.setitem(local.env, name, value)  # Copier runs git through plumbum
     yield
-    os.environ.clear()
-    os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def copier_session(copier_template: Path, sessionpatch: pytest.MonkeyPatch) -> CopierFixture:
+    """pytest-copier's `copier` fixture for session-scoped users: the per-combination
+    renderings are shared by every module (tests/project.py, tests/deploy)."""
+    return CopierFixture(template=copier_template, defaults={}, monkeypatch=sessionpatch)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import glob
 import itertools
@@ -9,12 +10,13 @@ import os
 import signal
 import socket
 import subprocess
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from copier import run_copy
+from pytest_copier import CopierFixture
 
 ROOT = Path(__file__).resolve().parent.parent
 PYENV_ROOT = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
@@ -82,18 +84,18 @@ ALL_ENABLED = {
 }
 
 
-def render(dst: Path, answers: Mapping[str, Any] | None = None, **kwargs: Any) -> Path:
-    """Render the working tree of the template (uncommitted changes included) into dst."""
-    run_copy(
-        str(ROOT),
-        str(dst),
-        data=dict(answers or {}),
-        defaults=True,
-        unsafe=True,
-        vcs_ref="HEAD",
-        quiet=True,
-        **kwargs,
-    )
+def render(copier: CopierFixture, dst: Path, answers: Mapping[str, Any] | None = None) -> Path:
+    """Render the session's template copy (pytest-copier's `copier_template`: the working tree,
+    uncommitted changes included, committed in a scratch repository) into dst, with answers
+    and the defaults for the rest.
+
+    Through the fixture's Worker rather than CopierFixture.copy, which turns Copier's
+    cleanup_on_error off (a rejected answer must leave no directory behind) and prints every
+    file it writes."""
+    worker = copier.worker(dst, **dict(answers or {}))
+    worker.quiet = True
+    with worker:
+        worker.run_copy()
     return dst
 
 
@@ -186,18 +188,72 @@ def json_lines(path: Path) -> list[str]:
     return [line for line in path.read_text().split("\n") if line.strip()]
 
 
-def stop(process: subprocess.Popen[bytes], timeout: float, group: bool = False) -> None:
-    """SIGTERM (to its process group when group), then SIGKILL to the group after timeout.
+def environment(changes: Mapping[str, str | None]) -> dict[str, str]:
+    """os.environ with changes applied; a None value removes the variable."""
+    env = dict(os.environ)
+    for key, value in changes.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+def wait_for(
+    predicate: Callable[[], bool],
+    what: str,
+    process: subprocess.Popen[bytes],
+    log: Path,
+    timeout: float = 60,
+) -> None:
+    """Poll predicate until it holds; fail with the log's tail if the process exits first or
+    the time runs out."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if process.poll() is not None:
+            raise AssertionError(
+                f"{what}: the process exited {process.returncode}:\n{log.read_text()[-6000:]}"
+            )
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout}s:\n{log.read_text()[-6000:]}")
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def started(
+    cmd: list[str],
+    cwd: Path,
+    env: Mapping[str, str],
+    log: Path,
+    ready: Callable[[], bool] | None = None,
+    timeout: float = 90,
+    stop_timeout: float = 40,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """The one way the suite starts a server: cmd in a session of its own, stdout and stderr
+    to log; once ready() holds (see wait_for), the process is yielded; afterwards it is
+    stopped (see stop), whatever happened to it meanwhile."""
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            cmd, cwd=cwd, env=dict(env), stdout=out, stderr=out, start_new_session=True
+        )
+    try:
+        if ready is not None:
+            wait_for(ready, f"{Path(cmd[0]).name} ready", process, log, timeout)
+        yield process
+    finally:
+        stop(process, timeout=stop_timeout)
+
+
+def stop(process: subprocess.Popen[Any], timeout: float) -> None:
+    """SIGTERM to the process, SIGKILL to its process group after timeout; then whatever is
+    left of the group (the workers of a master killed by a test) is killed too.
 
     Processes are started with start_new_session=True, so the group is theirs alone."""
-    if process.poll() is not None:
-        return
-    if group:
-        os.killpg(process.pid, signal.SIGTERM)
-    else:
+    if process.poll() is None:
         process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=timeout)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
+    if process.poll() is None:
         process.wait()

@@ -3,19 +3,16 @@ virtualenv synced on demand, and a gunicorn boot helper."""
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import subprocess
 import tempfile
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .helpers import UV, Combo, free_port, json_lines, python_for, render, run, stop
+from pytest_copier import CopierFixture
+
+from .helpers import UV, Combo, python_for, render, run
 
 _WORKDIR = Path(tempfile.mkdtemp(prefix="tpl-matrix-"))
 
@@ -62,9 +59,9 @@ class Project:
 _projects: dict[str, Project] = {}
 
 
-def project_for(combo: Combo) -> Project:
+def project_for(copier: CopierFixture, combo: Combo) -> Project:
     if combo.id not in _projects:
-        path = render(_WORKDIR / combo.id, combo.answers)
+        path = render(copier, _WORKDIR / combo.id, combo.answers)
         _projects[combo.id] = Project(combo, path)
     return _projects[combo.id]
 
@@ -84,80 +81,3 @@ def http_get(
             return response.status, dict(response.headers), response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, dict(exc.headers), exc.read()
-
-
-@dataclass
-class Running:
-    process: subprocess.Popen[bytes]
-    base_url: str
-    log_path: Path
-
-    def log_lines(self) -> list[dict[str, object]]:
-        lines = []
-        for raw in json_lines(self.log_path):
-            lines.append(json.loads(raw))  # every line must be JSON: fails loudly if not
-        return lines
-
-
-def start_gunicorn(
-    project: Project, env: dict[str, str | None], args: list[str], log_path: Path
-) -> subprocess.Popen[bytes]:
-    """`gunicorn -c gunicorn.conf.py [args]` in the project; env adds to the environment and a
-    None value removes the variable."""
-    project.sync()
-    full_env = dict(os.environ)
-    for key, value in env.items():
-        if value is None:
-            full_env.pop(key, None)
-        else:
-            full_env[key] = value
-    with log_path.open("wb") as log:
-        return subprocess.Popen(
-            [str(project.bin / "gunicorn"), "-c", "gunicorn.conf.py", *args],
-            cwd=project.path,
-            env=full_env,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-        )
-
-
-@contextlib.contextmanager
-def boot(
-    project: Project,
-    env: dict[str, str | None],
-    timeout: float = 90,
-    bind_via: str = "env",
-    args: tuple[str, ...] = (),
-) -> Iterator[Running]:
-    """Start the service on a free port, wait for /health/live; stop it (SIGTERM) afterwards.
-
-    bind_via: "env" passes --bind in GUNICORN_CMD_ARGS, "cli" on the command line (both must
-    win over the config's bind)."""
-    port = free_port()
-    log_path = project.path / f"gunicorn-{port}.log"
-    bind = f"--bind 127.0.0.1:{port}"
-    if bind_via == "env":
-        env = {**env, "GUNICORN_CMD_ARGS": bind}
-    else:
-        args = (*bind.split(), *args)
-    process = start_gunicorn(project, env, list(args), log_path)
-    running = Running(process, f"http://127.0.0.1:{port}", log_path)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                output = log_path.read_text()
-                raise AssertionError(f"gunicorn exited {process.returncode}:\n{output}")
-            try:
-                if http_get(running.base_url + "/health/live", timeout=2)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                output = log_path.read_text()
-                raise AssertionError(f"gunicorn did not answer in {timeout}s:\n{output}")
-            time.sleep(0.2)
-        yield running
-    finally:
-        stop(process, timeout=40)

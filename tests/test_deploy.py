@@ -42,8 +42,8 @@ import yaml
 from check_jsonschema.cli.main_command import main as check_jsonschema_main
 from click.testing import CliRunner
 from docker.utils.build import exclude_paths
+from pytest_copier import CopierFixture
 
-from .drills_support import children_of
 from .helpers import (
     ALL_ENABLED,
     COMBOS,
@@ -57,6 +57,7 @@ from .helpers import (
     stop,
 )
 from .servers import Postgres, Redis
+from .services import children_of
 
 pytestmark = pytest.mark.deploy
 
@@ -140,13 +141,17 @@ class Generated:
 
 
 @pytest.fixture(scope="module")
-def generated(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Combo], Generated]:
+def generated(
+    tmp_path_factory: pytest.TempPathFactory, copier_session: CopierFixture
+) -> Callable[[Combo], Generated]:
     """Render each combination once per module (and per xdist worker)."""
     cache: dict[str, Generated] = {}
 
     def get(combo: Combo) -> Generated:
         if combo.id not in cache:
-            path = render(tmp_path_factory.mktemp(combo.id) / "project", combo.answers)
+            path = render(
+                copier_session, tmp_path_factory.mktemp(combo.id) / "project", combo.answers
+            )
             answers = yaml.safe_load((path / ".copier-answers.yml").read_text())
             cache[combo.id] = Generated(combo, path, answers)
         return cache[combo.id]

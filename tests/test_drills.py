@@ -28,24 +28,27 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pytest_copier import CopierFixture
 
 from .drills_support import (
     PostgresInstance,
     RedisInstance,
-    Response,
     SentryReceiver,
-    Service,
-    connection_refused,
     drill_app_dir,
-    http_request,
-    raw_request,
     report,
     sentry_receiver,
-    service,
 )
 from .helpers import ALL_ENABLED, ROOT, Combo, free_port
 from .project import Project, project_for
 from .servers import Postgres, Redis
+from .services import (
+    Response,
+    Service,
+    connection_refused,
+    http_request,
+    raw_request,
+    serve,
+)
 
 pytestmark = pytest.mark.drills
 
@@ -68,8 +71,8 @@ def combo(request: pytest.FixtureRequest) -> Combo:
 
 
 @pytest.fixture(scope="module")
-def project(combo: Combo) -> Project:
-    project = project_for(combo)
+def project(copier_session: CopierFixture, combo: Combo) -> Project:
+    project = project_for(copier_session, combo)
     project.sync()
     # The drills must run the generated configuration as generated: check what they rely on.
     config = (project.path / "gunicorn.conf.py").read_text()
@@ -137,7 +140,7 @@ def production(
     env = base_env(
         database, redis.url(redis_db(combo, 0)), SENTRY_DSN=receiver.dsn, DRILL_DIR=str(workdir)
     )
-    with service(project, env, workdir, app=DRILL_APP, extra_path=workdir / "drill_app") as svc:
+    with serve(project, env, workdir, app=DRILL_APP, extra_path=workdir / "drill_app") as svc:
         yield svc
 
 
@@ -149,7 +152,7 @@ def staging(
     env = base_env(
         database, redis.url(redis_db(combo, 1)), environment="staging", DRILL_DIR=str(workdir)
     )
-    with service(project, env, workdir, app=DRILL_APP, extra_path=workdir / "drill_app") as svc:
+    with serve(project, env, workdir, app=DRILL_APP, extra_path=workdir / "drill_app") as svc:
         yield svc
 
 
@@ -204,7 +207,7 @@ def test_dependency_outage_and_recovery(
         rd.start()
         project.tool("alembic", "upgrade", "head", env={"DATABASE_URL": pg.url()})
         env = base_env(pg.url(), rd.url())
-        with service(project, env, workdir) as svc:
+        with serve(project, env, workdir) as svc:
             workers = svc.wait_for_workers(int(WORKERS))
             _ready_until(svc, lambda r: r.status == 200, timeout=20)
             figures: dict[str, Any] = {}
@@ -291,7 +294,7 @@ def test_sigterm_drains_in_flight_requests(
     markers = workdir / "drain"
     markers.mkdir()
     env = base_env(database, redis.url(redis_db(combo, 2)), DRILL_DIR=str(markers))
-    with service(project, env, workdir, app=DRILL_APP, extra_path=workdir / "drill_app") as svc:
+    with serve(project, env, workdir, app=DRILL_APP, extra_path=workdir / "drill_app") as svc:
         svc.wait_for_workers(int(WORKERS))
         pool = concurrent.futures.ThreadPoolExecutor(count)
         futures = [
@@ -384,7 +387,7 @@ def test_worker_killed_under_load(
     with SIGKILL. gunicorn boots a replacement; at least 99.9% of requests succeed."""
     seconds, connections, kill_after = 10, 32, 3.0
     env = base_env(database, redis.url(redis_db(combo, 3)))
-    with service(project, env, workdir) as svc:
+    with serve(project, env, workdir) as svc:
         before = svc.wait_for_workers(int(WORKERS))
         load = subprocess.Popen(
             [
@@ -669,7 +672,7 @@ def test_nothing_reaches_sentry_without_a_dsn(
         env = base_env(
             database, redis.url(redis_db(combo, 4)), SENTRY_DSN="", DRILL_DIR=str(workdir)
         )
-        with service(project, env, workdir, app=DRILL_APP, extra_path=workdir / "drill_app") as svc:
+        with serve(project, env, workdir, app=DRILL_APP, extra_path=workdir / "drill_app") as svc:
             response = svc.get("/api/v1/drill/boom")
             assert response.status == 500
             svc.process.send_signal(signal.SIGTERM)

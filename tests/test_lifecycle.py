@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
-from copier import run_copy
+from pytest_copier import CopierFixture
 
 from .helpers import ROOT, render, run
 
@@ -65,13 +65,13 @@ def _env(path: Path) -> dict[str, str]:
     return {k: v for k, v in pairs if not k.startswith("#")}
 
 
-def test_answers_file_records_every_answer(tmp_path: Path) -> None:
-    dst = render(tmp_path / "p", ANSWERS)
+def test_answers_file_records_every_answer(copier: CopierFixture, tmp_path: Path) -> None:
+    dst = render(copier, tmp_path / "p", ANSWERS)
     text = (dst / ".copier-answers.yml").read_text()
     assert text.startswith("# Changes here will be overwritten by Copier")
     recorded = yaml.safe_load(text)
     assert {"_src_path", "_commit"} <= recorded.keys()
-    assert recorded["_src_path"] == str(ROOT)
+    assert recorded["_src_path"] == str(copier.template)
     asked = _questions()
     assert set(ANSWERS) == set(asked), "ANSWERS must name every question: a question was added"
     assert {k: v for k, v in recorded.items() if not k.startswith("_")} == ANSWERS
@@ -84,10 +84,10 @@ def _url_password(url: str) -> str:
 
 
 @pytest.mark.parametrize("deployment", ["docker", "systemd"])
-def test_env_gets_fresh_secrets(tmp_path: Path, deployment: str) -> None:
+def test_env_gets_fresh_secrets(copier: CopierFixture, tmp_path: Path, deployment: str) -> None:
     answers = {**ANSWERS, "deployment": deployment}
-    first = render(tmp_path / "one", answers)
-    second = render(tmp_path / "two", answers)
+    first = render(copier, tmp_path / "one", answers)
+    second = render(copier, tmp_path / "two", answers)
     example, env = (first / ".env.example").read_text(), (first / ".env").read_text()
 
     assert stat.S_IMODE((first / ".env").stat().st_mode) == 0o600
@@ -112,8 +112,8 @@ def test_env_gets_fresh_secrets(tmp_path: Path, deployment: str) -> None:
     assert _url_password(again["DATABASE_URL"]) != password
 
 
-def test_no_secret_is_committed(tmp_path: Path) -> None:
-    dst = render(tmp_path / "p", ANSWERS)
+def test_no_secret_is_committed(copier: CopierFixture, tmp_path: Path) -> None:
+    dst = render(copier, tmp_path / "p", ANSWERS)
     secrets = [v for k, v in _env(dst / ".env").items() if k in {"SECRET_KEY", "POSTGRES_PASSWORD"}]
     assert len(secrets) == 2
     run(["git", "init", "-q"], cwd=dst)
@@ -126,20 +126,19 @@ def test_no_secret_is_committed(tmp_path: Path) -> None:
             assert secret.encode() not in content, f"a generated secret is in {name}"
 
 
-def test_existing_env_is_never_overwritten(tmp_path: Path) -> None:
+def test_existing_env_is_never_overwritten(copier: CopierFixture, tmp_path: Path) -> None:
     dst = tmp_path / "p"
     dst.mkdir()
     (dst / ".env").write_text("SECRET_KEY=mine\n")
-    render(dst, ANSWERS)
+    render(copier, dst, ANSWERS)
     assert (dst / ".env").read_text() == "SECRET_KEY=mine\n"
 
 
 def test_copy_tells_what_it_did_and_what_to_do_next(
-    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+    copier: CopierFixture, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    run_copy(
-        str(ROOT), str(tmp_path / "p"), data=ANSWERS, defaults=True, unsafe=True, vcs_ref="HEAD"
-    )
+    with copier.worker(tmp_path / "p", **ANSWERS) as worker:  # not quiet: what a user sees
+        worker.run_copy()
     out, err = capfd.readouterr()
     said = out + err
     assert "Created .env from .env.example with 2 fresh random secret(s)" in said
@@ -167,7 +166,7 @@ def test_create_env_fill_maps_each_placeholder_to_one_value() -> None:
     assert "N=change-me-\n" in filled  # not a placeholder: no name
 
 
-def test_migrate_renames_only_whole_keys(tmp_path: Path) -> None:
+def test_migrate_renames_only_whole_keys(copier: CopierFixture, tmp_path: Path) -> None:
     migrate = _hook("migrate")
     env = tmp_path / ".env"
     env.write_text("OLD=1\nOLD_LONGER=2\nexport OLD = 3\n# OLD=4\n")

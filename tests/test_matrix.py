@@ -11,10 +11,12 @@ import secrets
 import signal
 
 import pytest
+from pytest_copier import CopierFixture
 
-from .helpers import COMBO_IDS, COMBOS, Combo, free_port
-from .project import Project, boot, expected_workers, http_get, project_for, start_gunicorn
+from .helpers import COMBO_IDS, COMBOS, Combo, environment, free_port, started
+from .project import Project, expected_workers, http_get, project_for
 from .servers import Postgres, Redis
+from .services import serve
 
 # Our templates write `{{ name }}`; GitHub's `${{ x }}` and docker/metadata-action's
 # `{{is_default_branch}}` are not ours.
@@ -74,8 +76,8 @@ def _files(project: Project) -> dict[str, str]:
 
 @pytest.mark.generate
 @matrix
-def test_tree_matches_answers(combo: Combo) -> None:
-    project = project_for(combo)
+def test_tree_matches_answers(copier_session: CopierFixture, combo: Combo) -> None:
+    project = project_for(copier_session, combo)
     files = _files(project)
     pkg = "my_service"
     expected = [f.format(pkg=pkg) for f in COMMON_FILES + DEPLOYMENT_FILES[combo.deployment]]
@@ -106,8 +108,8 @@ def test_tree_matches_answers(combo: Combo) -> None:
 
 @pytest.mark.lint
 @matrix
-def test_ruff_and_mypy_strict(combo: Combo) -> None:
-    project = project_for(combo)
+def test_ruff_and_mypy_strict(copier_session: CopierFixture, combo: Combo) -> None:
+    project = project_for(copier_session, combo)
     project.tool("ruff", "check", "--no-cache", ".")
     project.tool("ruff", "format", "--check", "--no-cache", ".")
     project.tool("mypy", "--strict")
@@ -115,8 +117,10 @@ def test_ruff_and_mypy_strict(combo: Combo) -> None:
 
 @pytest.mark.project
 @matrix
-def test_generated_test_suite_passes(combo: Combo, postgres: Postgres, redis: Redis) -> None:
-    project = project_for(combo)
+def test_generated_test_suite_passes(
+    copier_session: CopierFixture, combo: Combo, postgres: Postgres, redis: Redis
+) -> None:
+    project = project_for(copier_session, combo)
     if combo.sentry:
         # Half the matrix leaves TEST_* unset: the project starts its own throwaway servers.
         env = {"TEST_DATABASE_URL": "", "TEST_REDIS_URL": ""}
@@ -138,8 +142,10 @@ def test_generated_test_suite_passes(combo: Combo, postgres: Postgres, redis: Re
 
 @pytest.mark.boot
 @matrix
-def test_boots_under_gunicorn(combo: Combo, postgres: Postgres, redis: Redis) -> None:
-    project = project_for(combo)
+def test_boots_under_gunicorn(
+    copier_session: CopierFixture, combo: Combo, postgres: Postgres, redis: Redis
+) -> None:
+    project = project_for(copier_session, combo)
     env: dict[str, str | None] = {
         "ENVIRONMENT": "production",
         "SECRET_KEY": secrets.token_urlsafe(48),
@@ -152,7 +158,7 @@ def test_boots_under_gunicorn(combo: Combo, postgres: Postgres, redis: Redis) ->
         env["REDIS_URL"] = redis.url(COMBO_IDS.index(combo.id) + 20)
     # Half the matrix binds with --bind on the command line, half through GUNICORN_CMD_ARGS.
     bind_via = "cli" if COMBO_IDS.index(combo.id) % 2 else "env"
-    with boot(project, env, bind_via=bind_via) as server:
+    with serve(project, env, bind_via=bind_via) as server:
         status, headers, body = http_get(server.base_url + "/health/ready")
         assert status == 200, body
         status, headers, _ = http_get(
@@ -180,18 +186,19 @@ def test_boots_under_gunicorn(combo: Combo, postgres: Postgres, redis: Redis) ->
 
 @pytest.mark.boot
 @matrix
-def test_refuses_to_start_with_insecure_or_missing_settings(combo: Combo) -> None:
-    project = project_for(combo)
+def test_refuses_to_start_with_insecure_or_missing_settings(
+    copier_session: CopierFixture, combo: Combo
+) -> None:
+    project = project_for(copier_session, combo)
     log_path = project.path / "refused.log"
     env: dict[str, str | None] = {"ENVIRONMENT": "production", "SECRET_KEY": "change-me-secret-key"}
     if combo.postgres:
         env["DATABASE_URL"] = "mysql://nope"
-    process = start_gunicorn(project, env, ["--bind", f"127.0.0.1:{free_port()}"], log_path)
-    try:
+    project.sync()
+    cmd = [str(project.bin / "gunicorn"), "-c", "gunicorn.conf.py"]
+    cmd += ["--bind", f"127.0.0.1:{free_port()}"]
+    with started(cmd, project.path, environment(env), log_path) as process:
         assert process.wait(timeout=60) != 0
-    finally:
-        if process.poll() is None:
-            process.kill()
     output = log_path.read_text()
     assert "invalid settings" in output
     assert "SECRET_KEY: must be a random value" in output

@@ -7,13 +7,13 @@ snapshot and runs `copier update` the way the README tells users to.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ import pytest
 import yaml
 from copier import run_copy, run_update
 
-from .helpers import ROOT, free_port, python_for, run, stop
+from .helpers import ROOT, free_port, python_for, run, started
 from .servers import Redis
 
 pytestmark = pytest.mark.update
@@ -31,17 +31,6 @@ pytestmark = pytest.mark.update
 TOOLS = Path(sys.executable).parent  # the template's dev environment: pre-commit and its hooks
 
 CONFLICT_MARKER = re.compile(rb"^(<<<<<<<|>>>>>>>)( |$)", re.MULTILINE)
-# Never part of a snapshot: VCS, environments, caches, outputs.
-SNAPSHOT_SKIP = {
-    ".git",
-    ".venv",
-    ".tools",
-    "__pycache__",
-    ".pytest_cache",
-    ".ruff_cache",
-    ".mypy_cache",
-    "out",
-}
 
 
 # ---------------------------------------------------------------- helpers
@@ -98,15 +87,12 @@ class TemplateRepo:
 
 
 @pytest.fixture
-def template(tmp_path: Path) -> TemplateRepo:
-    """The template's working tree (uncommitted changes included), committed and tagged v1.0.0."""
+def template(tmp_path: Path, copier_template: Path) -> TemplateRepo:
+    """pytest-copier's template copy (the working tree, uncommitted changes included) in a
+    repository of the test's own, tagged v1.0.0: its copy is tagged 99.99.99, which would be
+    the newest release of every update here."""
     path = tmp_path / "template-repo"
-    shutil.copytree(
-        ROOT,
-        path,
-        symlinks=True,
-        ignore=lambda _dir, names: [n for n in names if n in SNAPSHOT_SKIP],
-    )
+    shutil.copytree(copier_template, path, symlinks=True, ignore=shutil.ignore_patterns(".git"))
     git("init", "-q", cwd=path)
     repo = TemplateRepo(path)
     repo.release("v1.0.0")
@@ -241,50 +227,27 @@ def run_project_tests(dst: Path, **env: str) -> None:
 
 
 @pytest.fixture
-def booted() -> Iterator[Callable[..., str]]:
+def booted(tmp_path: Path) -> Iterator[Callable[..., str]]:
     """Start a generated service under gunicorn (as `make run` does); yields its base URL."""
-    procs: list[subprocess.Popen[str]] = []
+    with contextlib.ExitStack() as stack:
 
-    def start(dst: Path, **env: str) -> str:
-        port = free_port()
-        proc = subprocess.Popen(
-            [
-                uv(),
-                "run",
-                "--no-sync",
-                "gunicorn",
-                "-c",
-                "gunicorn.conf.py",
-                "--bind",
-                f"127.0.0.1:{port}",
-                "--workers",
-                "1",
-            ],
-            cwd=dst,
-            env=project_env(**env),
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        procs.append(proc)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                output = proc.stdout.read() if proc.stdout else ""
-                pytest.fail(f"the service exited {proc.returncode}:\n{output}")
-            try:
-                if httpx.get(f"{url}/health/live", timeout=1).status_code == 200:
-                    return url
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        pytest.fail("the service did not answer /health/live within 60 s")
+        def start(dst: Path, **env: str) -> str:
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
 
-    yield start
-    for proc in procs:
-        stop(proc, timeout=20, group=True)
+            def live() -> bool:
+                try:
+                    return httpx.get(f"{url}/health/live", timeout=1).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            cmd = [uv(), "run", "--no-sync", "gunicorn", "-c", "gunicorn.conf.py"]
+            cmd += ["--bind", f"127.0.0.1:{port}", "--workers", "1"]
+            log = tmp_path / f"gunicorn-{port}.log"
+            stack.enter_context(started(cmd, dst, project_env(**env), log, live, timeout=60))
+            return url
+
+        yield start
 
 
 # ---------------------------------------------------------------- the tests

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pytest_copier import CopierFixture
 
 from .helpers import render
 
@@ -61,11 +62,11 @@ BAD_ANSWERS = [
     ids=[f"{q}={str(v)[:20]!r}" for q, v, _ in BAD_ANSWERS],
 )
 def test_bad_answer_is_refused_and_nothing_is_written(
-    tmp_path: Path, question: str, value: object, message: str
+    copier: CopierFixture, tmp_path: Path, question: str, value: object, message: str
 ) -> None:
     dst = tmp_path / "project"
     with pytest.raises(ValueError, match=question) as raised:
-        render(dst, {question: value})
+        render(copier, dst, {question: value})
     assert message in str(raised.value)
     assert not dst.exists()
 
@@ -86,14 +87,16 @@ GOOD_ANSWERS = [
 @pytest.mark.parametrize(
     ("question", "value"), GOOD_ANSWERS, ids=[f"{q}={v}" for q, v in GOOD_ANSWERS]
 )
-def test_good_answer_is_accepted(tmp_path: Path, question: str, value: object) -> None:
-    dst = render(tmp_path / "project", {question: value})
+def test_good_answer_is_accepted(
+    copier: CopierFixture, tmp_path: Path, question: str, value: object
+) -> None:
+    dst = render(copier, tmp_path / "project", {question: value})
     assert (dst / "pyproject.toml").is_file()
 
 
 @pytest.mark.generate
-def test_defaults_alone_generate_a_project(tmp_path: Path) -> None:
-    dst = render(tmp_path / "project")
+def test_defaults_alone_generate_a_project(copier: CopierFixture, tmp_path: Path) -> None:
+    dst = render(copier, tmp_path / "project")
     answers = (dst / ".copier-answers.yml").read_text()
     assert "project_slug: my-service" in answers
     assert "package_name: my_service" in answers
@@ -101,7 +104,7 @@ def test_defaults_alone_generate_a_project(tmp_path: Path) -> None:
 
 
 @pytest.mark.generate
-def test_slug_and_package_are_derived_from_the_name(tmp_path: Path) -> None:
-    dst = render(tmp_path / "project", {"project_name": "Order  Events_Service"})
+def test_slug_and_package_are_derived_from_the_name(copier: CopierFixture, tmp_path: Path) -> None:
+    dst = render(copier, tmp_path / "project", {"project_name": "Order  Events_Service"})
     assert (dst / "src" / "order_events_service").is_dir()
     assert 'name = "order-events-service"' in (dst / "pyproject.toml").read_text()
