@@ -1,0 +1,20 @@
+"""Deployment artifacts (issue 3), checked by the real tools for every combination they belong to.
+
+One module per artifact, each tool also given a deliberately broken copy of a generated artifact
+to prove the check can fail:
+
+- test_tree: each artifact exists exactly for its deployment and follows the answers.
+- test_dockerfile: hadolint, the Dockerfile's structure, the .dockerignore through Docker's own
+  matching rules, and the HEALTHCHECK's command against answers of every kind.
+- test_compose: `docker-compose config` and the compose-spec schema (check-jsonschema).
+- test_nginx: `nginx -t` on the site, with paths and ports rewritten into a sandbox.
+- test_systemd: `systemd-analyze verify` and `security` on the unit.
+- test_workflow: actionlint and check-jsonschema (GitHub workflows, dependabot).
+- test_guide: the install guide's shell, consistent with the files it installs.
+- test_live (marked `boot` too): nginx started on loopback ports with the generated site (paths
+  and ports rewritten, nothing else) in front of the generated service, booted as the
+  Dockerfile/compose.yaml or the systemd unit would boot it.
+
+Shared: the tools, the checks and the parsing in `support`; the renderings (one per combination
+and xdist worker) and throwaway certificates in `conftest`.
+"""

@@ -1,0 +1,126 @@
+"""compose.yaml: `docker-compose config` and the compose-spec schema accept it with .env copied
+from .env.example; its services follow the answers."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ..helpers import ALL_ENABLED, Combo
+from .support import DOCKER, Generated, check, check_jsonschema, params, parse_env_file, tool
+
+pytestmark = pytest.mark.deploy
+
+
+def compose_config(project: Path) -> dict[str, Any]:
+    """`docker-compose config` as JSON (interpolated, anchors merged)."""
+    proc = check([tool("docker-compose"), "config", "--format", "json"], cwd=project, quiet=False)
+    return dict(json.loads(proc.stdout))
+
+
+def with_example_env(project: Generated, dst: Path) -> Generated:
+    """A copy whose .env is .env.example as is: what compose sees before any secret is set."""
+    copy = project.copy(dst)
+    shutil.copyfile(copy.path / ".env.example", copy.path / ".env")
+    return copy
+
+
+def check_compose(project: Path) -> None:
+    check([tool("docker-compose"), "config", "-q"], cwd=project)
+
+
+def check_compose_schema(compose: Path) -> None:
+    check_jsonschema("vendor.compose-spec", compose)
+
+
+@pytest.mark.parametrize("combo", params(DOCKER))
+def test_compose(generated: Callable[[Combo], Generated], combo: Combo, tmp_path: Path) -> None:
+    """`docker compose config` and the compose-spec schema accept compose.yaml, with .env copied
+    from .env.example; the services, health checks and start order follow the answers, and no
+    secret is written in compose.yaml."""
+    project = with_example_env(generated(combo), tmp_path / "project")
+    check_compose(project.path)
+    check_compose_schema(project.path / "compose.yaml")
+
+    config = compose_config(project.path)
+    services = config["services"]
+    expected = {"app", "nginx"} | ({"db", "migrate"} if combo.postgres else set())
+    expected |= {"redis"} if combo.redis else set()
+    assert set(services) == expected
+
+    app = services["app"]
+    assert app["restart"] == "unless-stopped"
+    assert app["build"]["context"] == str(project.path)
+    assert app["healthcheck"]["test"][0] == "CMD"
+    assert "ports" not in app, "the app is reached through nginx only"
+    # env_file: the application's settings (its secrets included) come from .env.
+    env_example = parse_env_file(project.read(".env.example"))
+    assert app["environment"]["SECRET_KEY"] == env_example["SECRET_KEY"]
+    depends = {name: dep["condition"] for name, dep in app.get("depends_on", {}).items()}
+    want = (
+        {"db": "service_healthy", "migrate": "service_completed_successfully"}
+        if combo.postgres
+        else {}
+    )
+    want |= {"redis": "service_healthy"} if combo.redis else {}
+    assert depends == want
+    for name in ("db", "redis"):
+        if name in services:
+            assert services[name]["healthcheck"]["test"][0] == "CMD"
+            assert re.search(r":\d+\.\d+(\.\d+)?-", services[name]["image"]), "pin the image"
+            assert services[name]["volumes"][0]["type"] == "volume"
+    if combo.postgres:
+        assert services["migrate"]["command"] == ["alembic", "upgrade", "head"]
+        assert services["migrate"]["image"] == app["image"]
+        assert services["migrate"]["depends_on"]["db"]["condition"] == "service_healthy"
+        # Interpolated from .env: the same password the application's DATABASE_URL carries.
+        password = services["db"]["environment"]["POSTGRES_PASSWORD"]
+        assert password == env_example["POSTGRES_PASSWORD"]
+        assert f":{password}@db:5432/" in env_example["DATABASE_URL"]
+
+    nginx = services["nginx"]
+    assert {p["target"] for p in nginx["ports"]} == {80, 443}
+    assert nginx["depends_on"]["app"]["condition"] == "service_healthy"
+    mounts = {v["target"]: v for v in nginx["volumes"]}
+    site = mounts["/etc/nginx/conf.d/default.conf"]
+    assert Path(site["source"]) == project.nginx_conf and site["read_only"]
+
+    text = project.read("compose.yaml")
+    for key, value in env_example.items():
+        if "change-me" in value:
+            assert value not in text, f"{key}'s value is written in compose.yaml"
+    assert not re.search(r"(?im)^\s*(SECRET_KEY|SENTRY_DSN|DATABASE_URL)\s*:", text)
+
+
+def test_compose_checks_fail_on_broken_copies(
+    generated: Callable[[Combo], Generated], tmp_path: Path
+) -> None:
+    project = with_example_env(generated(ALL_ENABLED["docker"]), tmp_path / "project")
+    compose = project.path / "compose.yaml"
+    text = compose.read_text()
+
+    # A dependency on a service that does not exist.
+    compose.write_text(
+        text.replace("      redis:\n        condition", "      cache:\n        condition")
+    )
+    assert compose.read_text() != text
+    with pytest.raises(AssertionError, match="cache"):
+        check_compose(project.path)
+
+    # A key the compose specification does not have.
+    compose.write_text(text.replace("    restart: unless-stopped", "    restart_policy: always", 1))
+    with pytest.raises(AssertionError, match="restart_policy"):
+        check_compose_schema(compose)
+
+    # The database password missing from .env: compose refuses to start without it.
+    compose.write_text(text)
+    env = project.path / ".env"
+    env.write_text(re.sub(r"(?m)^POSTGRES_PASSWORD=.*\n", "", env.read_text()))
+    with pytest.raises(AssertionError, match=r"set POSTGRES_PASSWORD in \.env"):
+        check_compose(project.path)

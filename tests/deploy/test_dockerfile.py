@@ -1,0 +1,216 @@
+"""The Dockerfile: hadolint, its structure, the .dockerignore through Docker's own matching rules,
+and the HEALTHCHECK's command against a local server answering every kind of status."""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import re
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from docker.utils.build import exclude_paths
+
+from ..helpers import Combo, free_port, python_for
+from .support import (
+    DOCKER,
+    Generated,
+    _passed,
+    check_file,
+    dockerfile_instructions,
+    healthcheck_command,
+    params,
+    run_healthcheck,
+    tool,
+)
+
+pytestmark = pytest.mark.deploy
+
+
+def check_hadolint(dockerfile: Path) -> None:
+    check_file([tool("hadolint"), "--no-color"], dockerfile)
+
+
+@pytest.mark.parametrize("combo", params(DOCKER))
+def test_dockerfile_hadolint(generated: Callable[[Combo], Generated], combo: Combo) -> None:
+    check_hadolint(generated(combo).path / "Dockerfile")
+
+
+@pytest.mark.parametrize("combo", params(DOCKER))
+def test_dockerfile_structure(generated: Callable[[Combo], Generated], combo: Combo) -> None:
+    """Multi-stage with uv, dependencies in their own locked layer, a numeric non-root user,
+    only the virtualenv and run-time files in the final stage, gunicorn in exec form."""
+    project = generated(combo)
+    instructions = dockerfile_instructions(project.read("Dockerfile"))
+    froms = [i for i, (ins, _) in enumerate(instructions) if ins == "FROM"]
+    assert len(froms) == 3  # uv, builder, runtime
+    runtime = instructions[froms[-1] :]
+    runs = [args for ins, args in instructions if ins == "RUN"]
+    assert "uv sync --locked --no-dev --no-install-project" in runs[0]
+    assert "--mount=type=bind,source=uv.lock" in runs[0]
+    assert any("uv sync --locked --no-dev --no-editable" in r for r in runs[1:])
+    assert any("UV_COMPILE_BYTECODE=1" in a for i, a in instructions if i == "ENV")
+    # The runtime stage: no uv, no build tools, no source tree.
+    runtime_text = " ".join(a for _, a in runtime)
+    for absent in ("uv sync", "apt-get", "build-essential", "gcc", "COPY src", "--from=uv"):
+        assert absent not in runtime_text
+    copies = [a for i, a in runtime if i == "COPY"]
+    expected = ["--from=builder /app/.venv /app/.venv", "gunicorn.conf.py ./"]
+    if combo.postgres:
+        expected += ["alembic.ini ./", "migrations ./migrations"]
+    assert copies == expected
+    users = [a for i, a in runtime if i == "USER"]
+    assert users and re.fullmatch(r"[1-9]\d*:[1-9]\d*", users[-1]), users
+    assert ("CMD", '["gunicorn", "-c", "gunicorn.conf.py"]') in runtime
+
+
+def test_hadolint_fails_on_a_broken_dockerfile(
+    generated: Callable[[Combo], Generated], tmp_path: Path
+) -> None:
+    text = generated(DOCKER[0]).read("Dockerfile")
+    broken = tmp_path / "Dockerfile"
+    broken.write_text(text.replace("USER 10001:10001", "USER root"))
+    assert broken.read_text() != text
+    with pytest.raises(AssertionError, match="DL3002"):
+        check_hadolint(broken)
+
+
+def context_files(project: Path) -> set[str]:
+    """The build context `docker build` would send, by Docker's .dockerignore rules."""
+    patterns = (project / ".dockerignore").read_text().splitlines()
+    return set(exclude_paths(str(project), patterns))
+
+
+def check_dockerignore(project: Generated) -> None:
+    # What a developer's checkout holds besides the generated files.
+    for junk in (
+        ".env",
+        ".env.local",
+        ".git/config",
+        ".venv/bin/python",
+        "tests/test_x.py",
+        f"src/{project.package}/__pycache__/main.cpython-312.pyc",
+        ".pytest_cache/v",
+        ".mypy_cache/x.json",
+        ".ruff_cache/x",
+        "htmlcov/index.html",
+        ".coverage",
+        "dist/x.whl",
+    ):
+        (project.path / junk).parent.mkdir(parents=True, exist_ok=True)
+        (project.path / junk).write_text("junk\n")
+    sent = context_files(project.path)
+    leaked = sorted(
+        p
+        for p in sent
+        if re.match(
+            r"(\.env|\.git/|\.venv/|tests/|\.pytest_cache|\.mypy_cache|\.ruff_cache|htmlcov|"
+            r"\.coverage|dist/)|.*__pycache__",
+            p,
+        )
+    )
+    assert not leaked, f"the build context would include {leaked}"
+    # Everything the Dockerfile copies from the context is there.
+    needed = {
+        "pyproject.toml",
+        "uv.lock",
+        "README.md",
+        "gunicorn.conf.py",
+        f"src/{project.package}/main.py",
+    }
+    if project.combo.postgres:
+        needed |= {"alembic.ini", "migrations/env.py"}
+    (project.path / "uv.lock").touch()  # created by `uv sync`, committed by the user
+    missing = needed - context_files(project.path)
+    assert not missing, f"the build context lacks {missing}"
+
+
+@pytest.mark.parametrize("combo", params(DOCKER))
+def test_dockerignore(
+    generated: Callable[[Combo], Generated], combo: Combo, tmp_path: Path
+) -> None:
+    """Secrets, VCS data, virtualenvs, caches and tests never reach the image."""
+    check_dockerignore(generated(combo).copy(tmp_path / "project"))
+
+
+def test_dockerignore_check_fails_when_env_is_not_ignored(
+    generated: Callable[[Combo], Generated], tmp_path: Path
+) -> None:
+    project = generated(DOCKER[0]).copy(tmp_path / "project")
+    ignore = project.path / ".dockerignore"
+    ignore.write_text(
+        "\n".join(
+            line
+            for line in ignore.read_text().splitlines()
+            if not line.startswith((".env", "**/.env"))
+        )
+    )
+    with pytest.raises(AssertionError, match=r"\.env"):
+        check_dockerignore(project)
+
+
+class _Answer(http.server.BaseHTTPRequestHandler):
+    """Answers /health/live with the server's current status; /ok with 200."""
+
+    def do_GET(self) -> None:
+        status = 200 if self.path == "/ok" else self.server.status  # type: ignore[attr-defined]
+        self.send_response(status)
+        if 300 <= status < 400:
+            self.send_header("Location", "/ok")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def answering() -> Iterator[http.server.ThreadingHTTPServer]:
+    """A local HTTP server whose `status` attribute is what /health/live answers."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answer)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.mark.parametrize("combo", params(DOCKER))
+def test_healthcheck_fails_on_anything_but_2xx(
+    generated: Callable[[Combo], Generated], combo: Combo
+) -> None:
+    """The image's HEALTHCHECK (compose.yaml uses the same command) passes on 200 and 204, and
+    fails on redirects (even to a 200), 4xx, 5xx and when nothing listens, with the image's
+    Python version."""
+    project = generated(combo)
+    command = healthcheck_command(project.read("Dockerfile"))
+    compose = yaml.safe_load(project.read("compose.yaml"))
+    assert compose["services"]["app"]["healthcheck"]["test"] == ["CMD", *command]
+    python = python_for(combo.python_version)
+    key = (str(python), *command)
+    if key in _passed:  # the same command already proven with this Python
+        return
+    results = {}
+    with answering() as server:
+        for status in (200, 204, 301, 302, 404, 500, 503):
+            server.status = status  # type: ignore[attr-defined]
+            results[status] = run_healthcheck(command, python, server.server_address[1]).returncode
+    results[0] = run_healthcheck(command, python, free_port()).returncode  # nothing listening
+    assert {s: rc == 0 for s, rc in results.items()} == {
+        200: True,
+        204: True,
+        301: False,
+        302: False,
+        404: False,
+        500: False,
+        503: False,
+        0: False,
+    }
+    _passed.add(key)

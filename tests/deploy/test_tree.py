@@ -1,0 +1,75 @@
+"""The tree: each artifact exists exactly for its deployment and follows the answers."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from ..helpers import COMBOS, Combo
+from .support import Generated, params
+
+pytestmark = pytest.mark.deploy
+
+
+FEATURE_WORDS = {
+    "postgres": ("postgres", "alembic", "migrat", "database"),
+    "redis": ("redis",),
+    "sentry": ("sentry",),
+}
+DEPLOYMENT_WORDS = {
+    "docker": ("systemd", "systemctl", "journalctl"),
+    "systemd": ("docker", "compose"),
+}
+
+
+def artifacts(project: Generated) -> list[Path]:
+    paths = [project.path / p for p in ("Dockerfile", ".dockerignore", "compose.yaml")]
+    paths += sorted((project.path / "deploy").rglob("*")) + sorted(
+        (project.path / ".github").rglob("*")
+    )
+    return [p for p in paths if p.is_file()]
+
+
+@pytest.mark.parametrize("combo", params(COMBOS))
+def test_artifacts_follow_the_answers(
+    generated: Callable[[Combo], Generated], combo: Combo
+) -> None:
+    """Each artifact exists exactly for its deployment, names the answers, and mentions no
+    disabled feature and no other deployment; no Jinja is left over."""
+    project = generated(combo)
+    docker = combo.deployment == "docker"
+    for name in ("Dockerfile", ".dockerignore", "compose.yaml"):
+        assert (project.path / name).exists() == docker, name
+    assert project.unit.exists() == (not docker)
+    assert not (project.path / "deploy" / "systemd").exists() or not docker
+    for always in (
+        project.nginx_conf,
+        project.path / "deploy" / "README.md",
+        project.path / ".github" / "workflows" / "ci.yml",
+        project.path / ".github" / "dependabot.yml",
+    ):
+        assert always.is_file(), always
+
+    for path in artifacts(project):
+        text = path.read_text()
+        lower = text.lower()
+        # GitHub's ${{ }} and metadata-action's {{is_default_branch}} are not Jinja.
+        leftover = re.sub(r"\$\{\{.*?\}\}|\{\{is_default_branch\}\}", "", text)
+        assert not re.search(r"\{\{|\}\}|\{%|%\}|\{#|#\}", leftover), f"Jinja left in {path}"
+        for feature, words in FEATURE_WORDS.items():
+            if not getattr(combo, feature):
+                found = [w for w in words if w in lower]
+                assert not found, f"{path} mentions {found} without {feature}"
+        found = [w for w in DEPLOYMENT_WORDS[combo.deployment] if w in lower]
+        assert not found, f"{path} mentions {found} in a {combo.deployment} deployment"
+
+    conf = project.nginx_conf.read_text()
+    assert f"server_name {project.domain};" in conf
+    assert f"/etc/letsencrypt/live/{project.domain}/fullchain.pem" in conf
+    if docker:
+        dockerfile = project.read("Dockerfile")
+        assert dockerfile.count(f"FROM python:{combo.python_version}-slim AS") == 2
+        assert f"name: {project.slug}" in project.read("compose.yaml")
