@@ -81,3 +81,27 @@ def redis() -> Iterator[Redis]:
 @pytest.fixture
 def dst(tmp_path: Path) -> Path:
     return tmp_path / "project"
+
+
+# ---------------------------------------------------------------- time per tier
+
+TIERS = ("generate", "lint", "project", "boot", "deploy", "update", "drills")
+_tier_seconds = dict.fromkeys(TIERS, 0.0)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Setup, call and teardown of every test, added to each tier it is marked with (under
+    xdist the reports reach the controller, so this sees every worker's tests)."""
+    for tier in TIERS:
+        if tier in report.keywords:
+            _tier_seconds[tier] += report.duration
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The time each tier took, summed over its tests: with -n 2 the wall-clock time is about
+    half of the sum (the README's test table quotes these)."""
+    spent = {tier: seconds for tier, seconds in _tier_seconds.items() if seconds}
+    if spent:
+        terminalreporter.section("time per tier (sum of test durations)")
+        for tier, seconds in spent.items():
+            terminalreporter.write_line(f"{tier:>9}: {seconds / 60:5.1f} min")
