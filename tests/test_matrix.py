@@ -35,7 +35,7 @@ FEATURE_FILES = {
 DEPLOYMENT_FILES = {
     "docker": ["Dockerfile", ".dockerignore", "compose.yaml", "deploy/nginx/my-service.conf"],
     "systemd": ["deploy/systemd/my-service.service", "deploy/nginx/my-service.conf"],
-    "kubernetes": ["Dockerfile", ".dockerignore"],
+    "kubernetes": ["Dockerfile", ".dockerignore", "deploy/kubernetes/kustomization.yaml"],
 }
 COMMON_FILES = [
     ".copier-answers.yml",

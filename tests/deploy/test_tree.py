@@ -49,6 +49,7 @@ def test_artifacts_follow_the_answers(
     assert (project.path / "deploy" / "systemd").exists() == systemd
     assert project.unit.exists() == systemd
     assert project.nginx_conf.exists() == (not kubernetes)
+    assert (project.path / "deploy" / "kubernetes" / "kustomization.yaml").exists() == kubernetes
     for always in (
         project.path / "deploy" / "README.md",
         project.path / ".github" / "workflows" / "ci.yml",
