@@ -381,6 +381,58 @@ def test_manifests_agree_with_the_service(
     check_consistency(generated(combo))
 
 
+def check_guide(project: Generated) -> None:
+    """deploy/README.md names what the manifests define: files, resources, labels, the issuer,
+    and the numbers it explains."""
+    guide = project.read("deploy/README.md")
+    built = by_kind(build(project))
+    namespace = built["Namespace"]["metadata"]["name"]
+    deployment = built["Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    (app,) = pod["containers"]
+    secret = next(e["secretRef"]["name"] for e in app["envFrom"] if "secretRef" in e)
+    ingress = built["Ingress"]
+    for text in (
+        "kubectl apply -f deploy/kubernetes/namespace.yaml",
+        f"kubectl -n {namespace} create secret generic {secret} --from-env-file=secret.env",
+        f"rollout status deployment/{deployment['metadata']['name']}",
+        f"rollout undo deployment/{deployment['metadata']['name']}",
+        f"get clusterissuer {ingress['metadata']['annotations']['cert-manager.io/cluster-issuer']}",
+        f"get certificate {ingress['spec']['tls'][0]['secretName']}",
+        f"sleeps {app['lifecycle']['preStop']['sleep']['seconds']} s",
+        f"terminationGracePeriodSeconds: {pod['terminationGracePeriodSeconds']}",
+        f"asks `{app['readinessProbe']['httpGet']['path']}`",
+        f"https://{project.domain}/health/ready",
+    ):
+        assert text in guide, f"deploy/README.md lacks {text!r}"
+    for path in re.findall(r"deploy/kubernetes/[\w.-]+\.yaml", guide):
+        assert (project.path / path).is_file(), f"deploy/README.md names {path}, which is missing"
+    if project.combo.postgres:
+        job = built["Job"]
+        label = job["metadata"]["labels"]["app.kubernetes.io/component"]
+        assert f"-l app.kubernetes.io/component={label}" in guide
+        assert f"-l 'app.kubernetes.io/component!={label}'" in guide
+        assert f"job/{job['metadata']['name']}" in guide
+        assert f"delete job {job['metadata']['name']} --ignore-not-found" in guide
+
+
+@pytest.mark.parametrize("combo", params(KUBERNETES))
+def test_guide_names_what_the_manifests_define(
+    generated: Callable[[Combo], Generated], combo: Combo
+) -> None:
+    check_guide(generated(combo))
+
+
+def test_guide_check_fails_on_a_broken_copy(
+    generated: Callable[[Combo], Generated], tmp_path: Path
+) -> None:
+    project = generated(next(c for c in KUBERNETES if c.postgres)).copy(tmp_path / "project")
+    check_guide(project)
+    _edit(project, "deploy/kubernetes/deployment.yaml", "seconds: 10", "seconds: 15")
+    with pytest.raises(AssertionError, match="sleeps 15 s"):
+        check_guide(project)
+
+
 # ---------------------------------------------------------------- each check can fail
 
 
