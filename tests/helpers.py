@@ -53,12 +53,15 @@ class Combo:
         }
 
 
+DEPLOYMENTS = ("docker", "systemd", "kubernetes")
+
+
 def _matrix() -> list[Combo]:
     versions = ("3.11", "3.12", "3.13")
     workers = (0, 1, 2, 3)
     combos = []
     index = 0
-    for deployment in ("docker", "systemd"):
+    for deployment in DEPLOYMENTS:
         for postgres in (False, True):
             for redis in (False, True):
                 for sentry in (False, True):
@@ -80,7 +83,7 @@ COMBOS: list[Combo] = _matrix()
 COMBO_IDS = [c.id for c in COMBOS]
 ALL_ENABLED = {
     d: next(c for c in COMBOS if c.deployment == d and c.postgres and c.redis and c.sentry)
-    for d in ("docker", "systemd")
+    for d in DEPLOYMENTS
 }
 
 

@@ -11,6 +11,10 @@ to prove the check can fail:
 - test_systemd: `systemd-analyze verify` and `security` on the unit.
 - test_workflow: actionlint and check-jsonschema (GitHub workflows, dependabot).
 - test_guide: the install guide's shell, consistent with the files it installs.
+- test_kubernetes: `kubectl kustomize`, `kubernetes-validate --strict` (1.31 and the newest
+  bundled version) and checkov (kubernetes, dockerfile) on deploy/kubernetes; the manifests'
+  consistency with the service's routes, bind, settings, gunicorn.conf.py, the Dockerfile's uid
+  and the image CI pushes; the Kubernetes guide against the manifests.
 - test_live (marked `boot` too): nginx started on loopback ports with the generated site (paths
   and ports rewritten, nothing else) in front of the generated service, booted as the
   Dockerfile/compose.yaml or the systemd unit would boot it.

@@ -23,6 +23,10 @@ from ..helpers import COMBOS, UV, Combo, free_port
 
 DOCKER = [c for c in COMBOS if c.deployment == "docker"]
 SYSTEMD = [c for c in COMBOS if c.deployment == "systemd"]
+KUBERNETES = [c for c in COMBOS if c.deployment == "kubernetes"]
+# The deployments that run the Dockerfile's image, and those behind the generated nginx site.
+IMAGE = DOCKER + KUBERNETES
+NGINX = DOCKER + SYSTEMD
 
 
 def params(combos: list[Combo]) -> list[Any]:

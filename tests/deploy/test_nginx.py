@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from ..helpers import COMBOS, Combo, free_port
+from ..helpers import Combo, free_port
 from .support import (
+    NGINX,
     SYSTEMD,
     Generated,
     NginxSandbox,
@@ -40,7 +41,7 @@ def check_nginx(sandbox: NginxSandbox) -> None:
         raise AssertionError(f"nginx -t failed ({proc.returncode}):\n{output}")
 
 
-@pytest.mark.parametrize("combo", params(COMBOS))
+@pytest.mark.parametrize("combo", params(NGINX))
 def test_nginx_config(
     generated: Callable[[Combo], Generated],
     combo: Combo,
