@@ -939,7 +939,7 @@ def test_systemd_unit(
     value = lambda key: unit_value(unit, "Service", key)  # noqa: E731
     slug = project.slug
     assert value("Type") == "notify" and value("NotifyAccess") == "main"
-    assert value("User") == value("Group") == slug
+    assert value("User") == slug and value("Group") == f"{slug}-sock"
     assert value("WorkingDirectory") == f"/srv/{slug}"
     assert value("EnvironmentFile") == f"/etc/{slug}/{slug}.env"
     exec_start = shlex.split(value("ExecStart"))
@@ -1130,16 +1130,16 @@ def test_deploy_guide(
         value("WorkingDirectory"),
         value("EnvironmentFile"),
     )
-    assert re.search(rf"useradd --system --user-group .* {re.escape(user)}\n", script)
-    assert user == group  # --user-group: a group of the user's name
+    assert f"groupadd --system {group}\n" in script
+    assert re.search(rf"useradd --system --gid {re.escape(group)} .* {re.escape(user)}\n", script)
     assert f"usermod --append --groups {group} www-data" in script
     assert f"git clone YOUR-REPOSITORY-URL {workdir}\ncd {workdir}\n" in script
     sync = "uv sync --locked --no-dev --compile-bytecode"
     assert sync in script
     assert shlex.split(value("ExecStart"))[0] == f"{workdir}/.venv/bin/gunicorn"  # uv sync's .venv
     env_dir = str(Path(env_file).parent)
-    assert f"install -d -m 0750 -o root -g {group} {env_dir}" in script
-    assert f"install -m 0640 -o root -g {group} .env.example {env_file}" in script
+    assert f"install -d -m 0700 -o root -g root {env_dir}" in script
+    assert f"install -m 0600 -o root -g root /dev/stdin {env_file}" in script
     assert f"install -m 0644 deploy/systemd/{slug}.service /etc/systemd/system/" in script
     assert f"systemctl enable --now {slug}" in script
     assert f"install -m 0644 deploy/nginx/{slug}.conf /etc/nginx/sites-available/" in script
@@ -1186,6 +1186,149 @@ def test_deploy_guide(
             str(sandbox_root / "error.log"),
         ]
     )
+
+
+def guide_script(project: Generated) -> str:
+    """The guide's shell blocks as one script, continuation lines joined."""
+    return re.sub(r"[ \t]*\\\n\s*", " ", "\n".join(shell_blocks(project.read("deploy/README.md"))))
+
+
+def unit_environment(unit: dict[str, list[tuple[str, str]]]) -> dict[str, str]:
+    """The variables of the unit's Environment= lines."""
+    env = {}
+    for key, value in unit["Service"]:
+        if key == "Environment":
+            for pair in shlex.split(value):
+                name, _, setting = pair.partition("=")
+                env[name] = setting
+    return env
+
+
+@dataclass
+class Node:
+    owner: str
+    group: str
+    mode: int
+
+
+def guide_permissions(project: Generated) -> tuple[dict[str, set[str]], dict[str, Node]]:
+    """Who is in which group and who owns what, once the guide has run and the unit has
+    started: ({group: members}, {path: Node}). Groups and users come from the guide's groupadd,
+    useradd and usermod; directories and files from its `install -o -g`; the runtime directory
+    from the unit; the socket from gunicorn, which binds with its own umask (default 0) and
+    leaves it owned by the service's user and group."""
+    script = guide_script(project)
+    unit = parse_unit(project.unit.read_text())
+    value = lambda key: unit_value(unit, "Service", key)  # noqa: E731
+    groups: dict[str, set[str]] = {}
+    for match in re.finditer(r"groupadd --system (\S+)", script):
+        groups.setdefault(match.group(1), set())
+    for match in re.finditer(r"useradd (.*) (\S+)$", script, re.M):
+        options, user = match.group(1), match.group(2)
+        if "--user-group" in options:
+            groups.setdefault(user, set()).add(user)
+        for option in ("--gid", "--groups"):
+            found = re.search(rf"{option} (\S+)", options)
+            for group in found.group(1).split(",") if found else ():
+                groups.setdefault(group, set()).add(user)
+    for match in re.finditer(r"usermod --append --groups (\S+) (\S+)", script):
+        for group in match.group(1).split(","):
+            groups.setdefault(group, set()).add(match.group(2))
+
+    nodes: dict[str, Node] = {}
+    for match in re.finditer(r"install -d -m (\d+) -o (\S+) -g (\S+) (\S+)", script):
+        nodes[match.group(4)] = Node(match.group(2), match.group(3), int(match.group(1), 8))
+    for match in re.finditer(r"install -m (\d+) -o (\S+) -g (\S+) \S+ (\S+)", script):
+        nodes[match.group(4)] = Node(match.group(2), match.group(3), int(match.group(1), 8))
+    user, group = value("User"), value("Group")
+    nodes[f"/run/{value('RuntimeDirectory')}"] = Node(
+        user, group, int(value("RuntimeDirectoryMode"), 8)
+    )
+    umask = re.search(r"^umask\s*=\s*(0o[0-7]+|\d+)", project.read("gunicorn.conf.py"), re.M)
+    exec_start = shlex.split(value("ExecStart"))
+    socket_path = exec_start[exec_start.index("--bind") + 1].removeprefix("unix:")
+    nodes[socket_path] = Node(user, group, 0o777 & ~(int(umask.group(1), 0) if umask else 0))
+    return groups, nodes
+
+
+def may(
+    groups: dict[str, set[str]], nodes: dict[str, Node], user: str, path: str, bit: int
+) -> bool:
+    """Whether `user` may search every directory above `path` and has `bit` (4 read, 2 write:
+    connecting to a socket) on it. Paths the guide does not create are taken as world-readable."""
+    if user == "root":
+        return True
+    member_of = {group for group, members in groups.items() if user in members}
+
+    def allows(node: Node, want: int) -> bool:
+        shift = 6 if node.owner == user else 3 if node.group in member_of else 0
+        return bool(node.mode >> shift & want)
+
+    parents = [str(p) for p in Path(path).parents]
+    if not all(allows(nodes[p], 1) for p in parents if p in nodes):
+        return False
+    return path not in nodes or allows(nodes[path], bit)
+
+
+@pytest.mark.parametrize("combo", params(SYSTEMD))
+def test_systemd_guide_who_can_read_what(
+    generated: Callable[[Combo], Generated], combo: Combo
+) -> None:
+    """Issue 16: once the guide has run, nginx's user reaches the socket and nothing else of
+    the service's: the env file (DATABASE_URL, SECRET_KEY, SENTRY_DSN) is root's alone, as the
+    guide's table says, and no other user reaches the socket."""
+    project = generated(combo)
+    unit = parse_unit(project.unit.read_text())
+    value = lambda key: unit_value(unit, "Service", key)  # noqa: E731
+    env_file, service_user = value("EnvironmentFile"), value("User")
+    exec_start = shlex.split(value("ExecStart"))
+    socket_path = exec_start[exec_start.index("--bind") + 1].removeprefix("unix:")
+    groups, nodes = guide_permissions(project)
+
+    assert env_file in nodes, "the guide does not create the env file"
+    assert may(groups, nodes, "www-data", socket_path, 2), "nginx cannot reach the socket"
+    assert may(groups, nodes, service_user, socket_path, 2)
+    assert not may(groups, nodes, "nobody", socket_path, 2), "anyone reaches the socket"
+    assert may(groups, nodes, "root", env_file, 4)
+    for user in ("www-data", service_user, "nobody"):
+        assert not may(groups, nodes, user, env_file, 4), f"{user} can read the secrets"
+    # The socket's group serves the socket alone: the service's files are not in it.
+    assert value("Group") in groups and "www-data" in groups[value("Group")]
+
+    # The table says the same.
+    guide = project.read("deploy/README.md")
+    row = next(line for line in guide.splitlines() if line.startswith("|") and env_file in line)
+    assert row.rstrip().endswith("| root only |"), row
+    row = next(line for line in guide.splitlines() if line.startswith("|") and socket_path in line)
+    assert f"`{value('Group')}` group" in row and "www-data" in row, row
+
+
+@pytest.mark.parametrize("combo", params(SYSTEMD))
+def test_systemd_service_runs_in_production(
+    generated: Callable[[Combo], Generated], combo: Combo, tmp_path: Path
+) -> None:
+    """Issue 16: the environment systemd gives the service once the guide has installed the env
+    file is production. systemd.exec(5): "Settings from these files [EnvironmentFile=] override
+    settings made with Environment=", so the unit's ENVIRONMENT only counts if the file the
+    guide writes does not set one."""
+    project = generated(combo)
+    unit = parse_unit(project.unit.read_text())
+    env_file = unit_value(unit, "Service", "EnvironmentFile")
+    # The guide's command that writes the env file, run here: same input, a temporary output
+    # (ownership is test_systemd_guide_who_can_read_what's business).
+    (command,) = [
+        line
+        for line in guide_script(project).splitlines()
+        if re.search(rf"install .*\S+ {re.escape(env_file)}$", line)
+    ]
+    target = tmp_path / "service.env"
+    command = re.sub(r"-o \S+ -g \S+ ", "", command.replace("sudo ", "")).replace(
+        env_file, str(target)
+    )
+    run(["bash", "-c", command], cwd=project.path)
+    environment = {**unit_environment(unit), **parse_env_file(target.read_text())}
+    assert environment.get("ENVIRONMENT") == "production", environment.get("ENVIRONMENT")
+    assert target.stat().st_mode & 0o777 == 0o600
 
 
 # ---------------------------------------------------------------- live: nginx in front
@@ -1503,11 +1646,11 @@ def test_nginx_in_front_of_the_unit(
         ]
         assert exec_start[0] == str(bin_dir / "gunicorn")
         socket_path = exec_start[exec_start.index("--bind") + 1].removeprefix("unix:")
-        # EnvironmentFile=: the .env installed as the guide says (set to production).
-        env = {
-            "PATH": os.environ["PATH"],
-            **deployed_env(project, postgres, redis, "deploy_systemd"),
-        }
+        # Environment=, then EnvironmentFile= (which wins): the .env installed as the guide
+        # says, without an ENVIRONMENT line, so that production comes from the unit.
+        env_file = deployed_env(project, postgres, redis, "deploy_systemd")
+        del env_file["ENVIRONMENT"]
+        env = {"PATH": os.environ["PATH"], **unit_environment(unit), **env_file}
         if combo.postgres:  # the guide's migration step, as the service user would run it
             run([str(bin_dir / "alembic"), "upgrade", "head"], cwd=project.path, env=env)
         env["NOTIFY_SOCKET"] = notify_path
