@@ -839,12 +839,13 @@ def test_nginx_config(
     assert health and "access_log off;" in health.group(1) and "limit_req" not in health.group(1)
     root = re.search(r"location / \{\n\s+limit_req zone=(\S+) burst=\d+ nodelay;", conf)
     assert root and f"zone={root.group(1)}:" in conf
-    # Proxy timeouts outlast gunicorn's worker timeout, so gunicorn ends a slow request first.
-    timeout = int(
-        re.search(r"^timeout\s*=\s*(\d+)", project.read("gunicorn.conf.py"), re.M).group(1)
-    )
+    # Proxy timeouts outlast the service's own deadline, so a slow request gets the service's
+    # 504 with its request id; nginx tries the upstream again on connection errors only, never
+    # on a timeout (test_nginx_in_front_of_the_unit runs a slow GET).
+    request_timeout = float(parse_env_file(project.read(".env.example"))["REQUEST_TIMEOUT"])
     for name in ("proxy_read_timeout", "proxy_send_timeout"):
-        assert int(re.search(rf"{name} (\d+)s;", conf).group(1)) > timeout
+        assert int(re.search(rf"{name} (\d+)s;", conf).group(1)) > request_timeout
+    assert re.findall(r"proxy_next_upstream\s+([^;]*);", conf) == ["error"]
     # nginx drops idle upstream connections before gunicorn would close them under it.
     keepalive = re.search(r"^keepalive\s*=\s*(\d+)", project.read("gunicorn.conf.py"), re.M)
     assert int(re.search(r"keepalive_timeout (\d+)s;", conf).group(1)) < int(keepalive.group(1))
@@ -1546,6 +1547,80 @@ def assert_through_nginx(
         assert statuses[:20] == [200] * 20 and statuses[-1] == 429, statuses
 
 
+def psql_value(postgres: Postgres, database: str, sql: str) -> str:
+    proc = run(
+        [
+            str(postgres.bindir / "psql"),
+            *("-h", postgres.host, "-p", str(postgres.port), "-U", postgres.user, "-d", database),
+            *("-A", "-t", "-c", sql),
+        ]
+    )
+    return proc.stdout.strip()
+
+
+def assert_slow_get_runs_once(
+    project: Generated,
+    certificate: Path,
+    service: Service,
+    postgres: Postgres,
+    database: str,
+    root: Path,
+    upstream: str,
+) -> None:
+    """A GET slower than nginx's proxy_read_timeout (shortened to 1 s here; a table lock holds
+    the query) runs once in the service: nginx answers 504 after one timeout, not two, and
+    does not send the request again to the second upstream entry."""
+    text = project.nginx_conf.read_text()
+    assert "proxy_read_timeout 35s;" in text
+    sandbox = nginx_sandbox(
+        project,
+        text.replace("proxy_read_timeout 35s;", "proxy_read_timeout 1s;"),
+        certificate,
+        root,
+        upstream,
+    )
+    lock_s = 5
+    locker = threading.Thread(
+        target=postgres.psql,
+        args=(
+            f"BEGIN; LOCK TABLE items IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep({lock_s}); COMMIT;",
+            database,
+        ),
+    )
+    with running_nginx(sandbox), https_client(sandbox, certificate, "127.0.0.5") as client:
+        locker.start()
+        try:
+            deadline = time.monotonic() + lock_s - 2
+            while (
+                psql_value(
+                    postgres,
+                    database,
+                    "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+                    "WHERE c.relname = 'items' AND l.mode = 'AccessExclusiveLock' AND l.granted",
+                )
+                != "1"
+            ):
+                assert time.monotonic() < deadline, "the table lock was not taken"
+                time.sleep(0.05)
+            request_id = f"slow-{uuid.uuid4().hex}"
+            started_at = time.monotonic()
+            answer = client.get(
+                "/api/v1/items",
+                headers={"Host": project.domain, "X-Request-ID": request_id},
+                extensions={"sni_hostname": project.domain},
+            )
+            waited = time.monotonic() - started_at
+        finally:
+            locker.join()
+        assert answer.status_code == 504, answer.text
+        # The query ends once the lock is gone; a second run would end about as soon.
+        service.access_line(request_id)
+        time.sleep(1)
+        runs = [x for x in service.lines() if x.get("request_id") == request_id and "status" in x]
+        assert len(runs) == 1, f"the GET ran {len(runs)} times: {runs}"
+        assert waited < 1.9, f"504 after {waited:.2f} s: nginx waited for a second attempt"
+
+
 @pytest.mark.boot
 @pytest.mark.xdist_group("deploy-live-docker")
 def test_nginx_in_front_of_the_container(
@@ -1712,6 +1787,16 @@ def test_nginx_in_front_of_the_unit(
                         )
                         assert answer.status_code == 200
                         time.sleep(0.05)
+
+            assert_slow_get_runs_once(
+                project,
+                certificate,
+                service,
+                postgres,
+                "deploy_systemd",
+                tmp_path / "nginx-slow",
+                f"unix:{socket_path}",
+            )
 
             # KillMode=mixed: SIGTERM to the main process, which must be gone in time.
             started_at = time.monotonic()
