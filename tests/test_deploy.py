@@ -535,6 +535,14 @@ def test_compose(generated: Callable[[Combo], Generated], combo: Combo, tmp_path
     site = mounts["/etc/nginx/conf.d/default.conf"]
     assert Path(site["source"]) == project.nginx_conf and site["read_only"]
 
+    # Issue 16: no log grows without limit (the app writes a line per request).
+    for name, service in services.items():
+        logging = service.get("logging", {})
+        assert logging.get("driver") == "json-file", f"{name}: {logging}"
+        options = logging.get("options", {})
+        assert re.fullmatch(r"\d+[km]", options.get("max-size", "")), f"{name}: {options}"
+        assert int(options.get("max-file", "0")) >= 2, f"{name}: {options}"
+
     text = project.read("compose.yaml")
     for key, value in env_example.items():
         if "change-me" in value:
