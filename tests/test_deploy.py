@@ -1170,13 +1170,16 @@ def test_deploy_guide(
     # The temporary site that answers the first challenge is valid nginx, serving the webroot.
     acme = re.search(r"<<'EOF'\n(.*?)\nEOF", script, re.S).group(1)
     assert f"server_name {domain};" in acme and f"root {webroot};" in acme
+    # Issue 16: IPv6 too, as the real site: Let's Encrypt tries an AAAA record first.
+    assert sorted(re.findall(r"listen (\S+);", acme)) == ["80", "[::]:80"], acme
+    assert sorted(re.findall(r"listen (\S+);", site.split("server {")[1])) == ["80", "[::]:80"]
     port = free_port()
     sandbox_root = tmp_path / "acme"
     (sandbox_root / "webroot").mkdir(parents=True)
     (sandbox_root / "site.conf").write_text(
-        acme.replace("listen 80;", f"listen 127.0.0.1:{port};").replace(
-            webroot, str(sandbox_root / "webroot")
-        )
+        acme.replace("listen 80;", f"listen 127.0.0.1:{port};")
+        .replace("listen [::]:80;", f"listen [::1]:{port};")
+        .replace(webroot, str(sandbox_root / "webroot"))
     )
     (sandbox_root / "nginx.conf").write_text(
         f"pid {sandbox_root / 'nginx.pid'};\nevents {{}}\nhttp {{\n    access_log off;\n"
