@@ -863,6 +863,14 @@ def test_nginx_config(
         assert f"server {bind[bind.index('--bind') + 1]} max_fails=0;" in conf, (
             "nginx and the unit disagree"
         )
+    # nginx keeps a client's request id under the rule the service applies (middleware.py).
+    service_rule = re.search(
+        r'_VALID_REQUEST_ID = re\.compile\(rb"(.*)"\)',
+        project.read(f"src/{project.package}/middleware.py"),
+    ).group(1)
+    request_id_map = re.search(r"map \$http_x_request_id \S+ \{(.*?)\}\n", conf, re.S).group(1)
+    assert re.findall(r'"~\^(.*)\$" \$http_x_request_id;', request_id_map) == [service_rule]
+    assert re.search(r"default\s+\$request_id;", request_id_map)
     # One upstream server listed twice, never marked failed: nginx's retry when a stopping worker
     # closes a connection it just used (see test_nginx_in_front_of_the_unit's reload).
     upstream = re.search(r"^upstream \S+ \{\n(.*?)^\}", conf, re.M | re.S)
@@ -1526,6 +1534,21 @@ def assert_through_nginx(
         while f"request_id={generated_id}" not in sandbox.access_log.read_text():
             assert time.monotonic() < deadline, sandbox.access_log.read_text()[-3000:]
             time.sleep(0.05)
+
+        # Issue 16: a malformed id (here, text that would forge a field in nginx's log) is
+        # replaced by nginx with its own, which the app keeps: both logs carry the same id.
+        malformed = 'forged" request_id=evil x="'
+        answer = client.get(
+            "/api/v1/info", headers={**host, "X-Request-ID": malformed}, extensions=sni
+        )
+        replaced = answer.headers["x-request-id"]
+        assert re.fullmatch(r"[0-9a-f]{32}", replaced), replaced
+        service.access_line(replaced)
+        deadline = time.monotonic() + 5
+        while f"request_id={replaced}\n" not in sandbox.access_log.read_text():
+            assert time.monotonic() < deadline, sandbox.access_log.read_text()[-3000:]
+            time.sleep(0.05)
+        assert "forged" not in sandbox.access_log.read_text()
 
         # Dotfiles never reach the app.
         assert client.get("/.env", headers=host, extensions=sni).status_code == 404
