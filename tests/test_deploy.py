@@ -1127,6 +1127,10 @@ def test_deploy_guide(
     assert f"/etc/letsencrypt/live/{domain}/" in site  # certbot's directory for -d {domain}
     assert "--deploy-hook" in script
 
+    # Issue 16: the check after a deploy is readiness (liveness passes with a wrong REDIS_URL).
+    assert f"curl -fsS https://{domain}/health/ready" in script
+    assert "/health/live" not in script
+
     if combo.deployment == "docker":
         compose = yaml.safe_load(project.read("compose.yaml"))
         mounts = compose["services"]["nginx"]["volumes"]
@@ -1138,6 +1142,10 @@ def test_deploy_guide(
         assert f"-f /srv/{slug}/compose.yaml exec -T nginx nginx -s reload" in script
         assert "docker compose up -d --build" in script
         return
+
+    # Issue 16: package lists refreshed before installing from them.
+    assert "apt-get install" in script
+    assert 0 <= script.find("apt-get update") < script.index("apt-get install")
 
     unit = parse_unit(project.unit.read_text())
     value = lambda key: unit_value(unit, "Service", key)  # noqa: E731
@@ -1222,6 +1230,18 @@ def unit_environment(unit: dict[str, list[tuple[str, str]]]) -> dict[str, str]:
                 name, _, setting = pair.partition("=")
                 env[name] = setting
     return env
+
+
+def test_the_systemd_guide_pins_the_images_uv(generated: Callable[[Combo], Generated]) -> None:
+    """Issue 16: the guide installs the uv version the Dockerfile's image pins, not the latest."""
+    dockerfile = generated(DOCKER[0]).read("Dockerfile")
+    pinned = re.search(r"^FROM ghcr\.io/astral-sh/uv:(\S+) AS uv$", dockerfile, re.M)
+    assert pinned, "the Dockerfile pins no uv image"
+    for combo in SYSTEMD:
+        installs = re.findall(
+            r"https://astral\.sh/uv/(?:([^/\s]+)/)?install\.sh", guide_script(generated(combo))
+        )
+        assert installs == [pinned.group(1)], (combo.id, installs)
 
 
 @dataclass
