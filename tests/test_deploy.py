@@ -987,6 +987,11 @@ def test_systemd_unit(
         "LimitNOFILE": "65536",
     }.items():
         assert value(key) == expected, key
+    # Issue 16: journald's rate limit is set for one line per request: at least 2,500 lines per
+    # second for each of the 16 workers the automatic count allows, and still a limit.
+    interval = value("LogRateLimitIntervalSec")
+    assert re.fullmatch(r"[1-9]\d*s", interval), interval
+    assert int(value("LogRateLimitBurst")) / int(interval[:-1]) >= 16 * 2500
     after = unit_value(unit, "Unit", "After").split()
     assert ("postgresql.service" in after) == combo.postgres
     assert ("redis-server.service" in after) == combo.redis
