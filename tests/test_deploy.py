@@ -483,6 +483,33 @@ def check_compose_schema(compose: Path) -> None:
     check_jsonschema("vendor.compose-spec", compose)
 
 
+def check_redis_memory_bound(command: list[str], directory: Path) -> None:
+    """Issue 16: compose's Redis, started with compose's own arguments (on a loopback port),
+    has a memory limit and evicts under it rather than growing without bound."""
+    assert command[0] == "redis-server"
+    directory.mkdir()
+    port = free_port()
+    args = [
+        tool("redis-server"),
+        *command[1:],
+        *("--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory)),
+    ]
+    with subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT) as server:
+        try:
+            deadline = time.monotonic() + 10
+            while not connects(("127.0.0.1", port)):
+                assert server.poll() is None, f"redis-server refused {command}"
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+            cli = [tool("redis-cli"), "-p", str(port), "config", "get"]
+            maxmemory = run([*cli, "maxmemory"]).stdout.split()
+            policy = run([*cli, "maxmemory-policy"]).stdout.split()
+        finally:
+            stop(server, timeout=10)
+    assert int(maxmemory[1]) > 0, maxmemory
+    assert policy[1].startswith("allkeys-"), policy  # a cache: evicts, never refuses a write
+
+
 @pytest.mark.parametrize("combo", params(DOCKER))
 def test_compose(generated: Callable[[Combo], Generated], combo: Combo, tmp_path: Path) -> None:
     """`docker compose config` and the compose-spec schema accept compose.yaml, with .env copied
@@ -542,6 +569,9 @@ def test_compose(generated: Callable[[Combo], Generated], combo: Combo, tmp_path
         options = logging.get("options", {})
         assert re.fullmatch(r"\d+[km]", options.get("max-size", "")), f"{name}: {options}"
         assert int(options.get("max-file", "0")) >= 2, f"{name}: {options}"
+
+    if combo.redis:
+        check_redis_memory_bound(services["redis"]["command"], tmp_path / "redis")
 
     text = project.read("compose.yaml")
     for key, value in env_example.items():
