@@ -28,6 +28,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import uuid
@@ -572,6 +573,16 @@ def test_compose(generated: Callable[[Combo], Generated], combo: Combo, tmp_path
 
     if combo.redis:
         check_redis_memory_bound(services["redis"]["command"], tmp_path / "redis")
+
+    # Issue 16: the guide's IPv6 network for compose.yaml ("Client addresses") is valid compose.
+    (snippet,) = re.findall(r"```yaml\n(.*?)```", project.read("deploy/README.md"), re.S)
+    compose_file = project.path / "compose.yaml"
+    original = compose_file.read_text()
+    compose_file.write_text(original + "\n" + textwrap.dedent(snippet))
+    try:
+        assert compose_config(project.path)["networks"]["default"]["enable_ipv6"] is True
+    finally:
+        compose_file.write_text(original)
 
     text = project.read("compose.yaml")
     for key, value in env_example.items():
@@ -1710,6 +1721,57 @@ def assert_slow_get_runs_once(
         assert waited < 1.9, f"504 after {waited:.2f} s: nginx waited for a second attempt"
 
 
+def with_real_ip(site_text: str, trusted: str) -> str:
+    """The site with its commented `real_ip` lines switched on, trusting `trusted`."""
+    lines = re.findall(
+        r"^# ((?:set_real_ip_from|real_ip_header|real_ip_recursive) .*;)$", site_text, re.M
+    )
+    assert [line.split()[0] for line in lines] == [
+        "set_real_ip_from",
+        "real_ip_header",
+        "real_ip_recursive",
+    ], lines
+    for line in lines:
+        on = re.sub(r"^set_real_ip_from \S+;", f"set_real_ip_from {trusted};", line)
+        site_text = site_text.replace(f"# {line}", on)
+    return site_text
+
+
+def assert_real_ip_from_a_trusted_balancer(
+    project: Generated, certificate: Path, service: Service, root: Path, upstream: str
+) -> None:
+    """Issue 16: the site's commented real_ip lines, switched on as deploy/README.md says, make
+    nginx take the client's address from a trusted balancer's X-Forwarded-For: the service and
+    nginx's log see the client, not the balancer."""
+    guide = project.read("deploy/README.md")
+    block = re.search(r"```nginx\n(.*?)```", guide, re.S).group(1)
+    documented = [line.split("#")[0].strip() for line in block.strip().splitlines()]
+    site_text = project.nginx_conf.read_text()
+    assert [f"# {line}" in site_text for line in documented] == [True] * 3, documented
+    sandbox = nginx_sandbox(
+        project, with_real_ip(site_text, "127.0.0.0/8"), certificate, root, upstream
+    )
+    with running_nginx(sandbox), https_client(sandbox, certificate, "127.0.0.6") as balancer:
+        request_id = f"real-ip-{uuid.uuid4().hex}"
+        answer = balancer.get(
+            "/api/v1/info",
+            headers={
+                "Host": project.domain,
+                "X-Request-ID": request_id,
+                "X-Forwarded-For": "198.51.100.23, 203.0.113.9",
+            },
+            extensions={"sni_hostname": project.domain},
+        )
+        assert answer.status_code == 200, answer.text
+        assert service.access_line(request_id)["client"] == "203.0.113.9"
+        deadline = time.monotonic() + 5
+        while f"request_id={request_id}" not in sandbox.access_log.read_text():
+            assert time.monotonic() < deadline, sandbox.access_log.read_text()[-3000:]
+            time.sleep(0.05)
+        (line,) = [x for x in sandbox.access_log.read_text().splitlines() if request_id in x]
+        assert line.startswith("203.0.113.9 "), line
+
+
 @pytest.mark.boot
 @pytest.mark.xdist_group("deploy-live-docker")
 def test_nginx_in_front_of_the_container(
@@ -1877,6 +1939,9 @@ def test_nginx_in_front_of_the_unit(
                         assert answer.status_code == 200
                         time.sleep(0.05)
 
+            assert_real_ip_from_a_trusted_balancer(
+                project, certificate, service, tmp_path / "nginx-real-ip", f"unix:{socket_path}"
+            )
             assert_slow_get_runs_once(
                 project,
                 certificate,
