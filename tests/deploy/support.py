@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -295,3 +296,25 @@ def nginx_sandbox(
         access_log,
         root / "logs" / "error.log",
     )
+
+
+def unit_environment(unit: dict[str, list[tuple[str, str]]]) -> dict[str, str]:
+    """The variables of the unit's Environment= lines."""
+    env = {}
+    for key, value in unit["Service"]:
+        if key == "Environment":
+            for pair in shlex.split(value):
+                name, _, setting = pair.partition("=")
+                env[name] = setting
+    return env
+
+
+def connects(address: tuple[str, int] | str) -> bool:
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    with socket.socket(family) as s:
+        s.settimeout(1)
+        try:
+            s.connect(address)
+        except OSError:
+            return False
+        return True

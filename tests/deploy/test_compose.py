@@ -4,16 +4,27 @@ from .env.example; its services follow the answers."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ..helpers import ALL_ENABLED, Combo
-from .support import DOCKER, Generated, check, check_jsonschema, params, parse_env_file, tool
+from ..helpers import ALL_ENABLED, Combo, free_port, run, started
+from .support import (
+    DOCKER,
+    Generated,
+    check,
+    check_jsonschema,
+    connects,
+    params,
+    parse_env_file,
+    tool,
+)
 
 pytestmark = pytest.mark.deploy
 
@@ -37,6 +48,26 @@ def check_compose(project: Path) -> None:
 
 def check_compose_schema(compose: Path) -> None:
     check_jsonschema("vendor.compose-spec", compose)
+
+
+def check_redis_memory_bound(command: list[str], directory: Path) -> None:
+    """Issue 16: compose's Redis, started with compose's own arguments (on a loopback port),
+    has a memory limit and evicts under it rather than growing without bound."""
+    assert command[0] == "redis-server"
+    directory.mkdir()
+    port = free_port()
+    args = [
+        tool("redis-server"),
+        *command[1:],
+        *("--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory)),
+    ]
+    log = directory / "redis.log"
+    with started(args, directory, os.environ, log, lambda: connects(("127.0.0.1", port)), 10):
+        cli = [tool("redis-cli"), "-p", str(port), "config", "get"]
+        maxmemory = run([*cli, "maxmemory"]).stdout.split()
+        policy = run([*cli, "maxmemory-policy"]).stdout.split()
+    assert int(maxmemory[1]) > 0, maxmemory
+    assert policy[1].startswith("allkeys-"), policy  # a cache: evicts, never refuses a write
 
 
 @pytest.mark.parametrize("combo", params(DOCKER))
@@ -90,6 +121,27 @@ def test_compose(generated: Callable[[Combo], Generated], combo: Combo, tmp_path
     mounts = {v["target"]: v for v in nginx["volumes"]}
     site = mounts["/etc/nginx/conf.d/default.conf"]
     assert Path(site["source"]) == project.nginx_conf and site["read_only"]
+
+    # Issue 16: no log grows without limit (the app writes a line per request).
+    for name, service in services.items():
+        logging = service.get("logging", {})
+        assert logging.get("driver") == "json-file", f"{name}: {logging}"
+        options = logging.get("options", {})
+        assert re.fullmatch(r"\d+[km]", options.get("max-size", "")), f"{name}: {options}"
+        assert int(options.get("max-file", "0")) >= 2, f"{name}: {options}"
+
+    if combo.redis:
+        check_redis_memory_bound(services["redis"]["command"], tmp_path / "redis")
+
+    # Issue 16: the guide's IPv6 network for compose.yaml ("Client addresses") is valid compose.
+    (snippet,) = re.findall(r"```yaml\n(.*?)```", project.read("deploy/README.md"), re.S)
+    compose_file = project.path / "compose.yaml"
+    original = compose_file.read_text()
+    compose_file.write_text(original + "\n" + textwrap.dedent(snippet))
+    try:
+        assert compose_config(project.path)["networks"]["default"]["enable_ipv6"] is True
+    finally:
+        compose_file.write_text(original)
 
     text = project.read("compose.yaml")
     for key, value in env_example.items():

@@ -5,13 +5,25 @@ from __future__ import annotations
 import re
 import shlex
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
-from ..helpers import COMBOS, Combo, free_port
-from .support import Generated, check, params, parse_env_file, parse_unit, tool, unit_value
+from ..helpers import COMBOS, Combo, free_port, run
+from .support import (
+    DOCKER,
+    SYSTEMD,
+    Generated,
+    check,
+    params,
+    parse_env_file,
+    parse_unit,
+    tool,
+    unit_environment,
+    unit_value,
+)
 
 pytestmark = pytest.mark.deploy
 
@@ -48,6 +60,10 @@ def test_deploy_guide(
     assert f"/etc/letsencrypt/live/{domain}/" in site  # certbot's directory for -d {domain}
     assert "--deploy-hook" in script
 
+    # Issue 16: the check after a deploy is readiness (liveness passes with a wrong REDIS_URL).
+    assert f"curl -fsS https://{domain}/health/ready" in script
+    assert "/health/live" not in script
+
     if combo.deployment == "docker":
         compose = yaml.safe_load(project.read("compose.yaml"))
         mounts = compose["services"]["nginx"]["volumes"]
@@ -60,6 +76,10 @@ def test_deploy_guide(
         assert "docker compose up -d --build" in script
         return
 
+    # Issue 16: package lists refreshed before installing from them.
+    assert "apt-get install" in script
+    assert 0 <= script.find("apt-get update") < script.index("apt-get install")
+
     unit = parse_unit(project.unit.read_text())
     value = lambda key: unit_value(unit, "Service", key)  # noqa: E731
     user, group, workdir, env_file = (
@@ -68,16 +88,16 @@ def test_deploy_guide(
         value("WorkingDirectory"),
         value("EnvironmentFile"),
     )
-    assert re.search(rf"useradd --system --user-group .* {re.escape(user)}\n", script)
-    assert user == group  # --user-group: a group of the user's name
+    assert f"groupadd --system {group}\n" in script
+    assert re.search(rf"useradd --system --gid {re.escape(group)} .* {re.escape(user)}\n", script)
     assert f"usermod --append --groups {group} www-data" in script
     assert f"git clone YOUR-REPOSITORY-URL {workdir}\ncd {workdir}\n" in script
     sync = "uv sync --locked --no-dev --compile-bytecode"
     assert sync in script
     assert shlex.split(value("ExecStart"))[0] == f"{workdir}/.venv/bin/gunicorn"  # uv sync's .venv
     env_dir = str(Path(env_file).parent)
-    assert f"install -d -m 0750 -o root -g {group} {env_dir}" in script
-    assert f"install -m 0640 -o root -g {group} .env.example {env_file}" in script
+    assert f"install -d -m 0700 -o root -g root {env_dir}" in script
+    assert f"install -m 0600 -o root -g root /dev/stdin {env_file}" in script
     assert f"install -m 0644 deploy/systemd/{slug}.service /etc/systemd/system/" in script
     assert f"systemctl enable --now {slug}" in script
     assert f"install -m 0644 deploy/nginx/{slug}.conf /etc/nginx/sites-available/" in script
@@ -99,13 +119,16 @@ def test_deploy_guide(
     # The temporary site that answers the first challenge is valid nginx, serving the webroot.
     acme = re.search(r"<<'EOF'\n(.*?)\nEOF", script, re.S).group(1)
     assert f"server_name {domain};" in acme and f"root {webroot};" in acme
+    # Issue 16: IPv6 too, as the real site: Let's Encrypt tries an AAAA record first.
+    assert sorted(re.findall(r"listen (\S+);", acme)) == ["80", "[::]:80"], acme
+    assert sorted(re.findall(r"listen (\S+);", site.split("server {")[1])) == ["80", "[::]:80"]
     port = free_port()
     sandbox_root = tmp_path / "acme"
     (sandbox_root / "webroot").mkdir(parents=True)
     (sandbox_root / "site.conf").write_text(
-        acme.replace("listen 80;", f"listen 127.0.0.1:{port};").replace(
-            webroot, str(sandbox_root / "webroot")
-        )
+        acme.replace("listen 80;", f"listen 127.0.0.1:{port};")
+        .replace("listen [::]:80;", f"listen [::1]:{port};")
+        .replace(webroot, str(sandbox_root / "webroot"))
     )
     (sandbox_root / "nginx.conf").write_text(
         f"pid {sandbox_root / 'nginx.pid'};\nevents {{}}\nhttp {{\n    access_log off;\n"
@@ -124,3 +147,147 @@ def test_deploy_guide(
             str(sandbox_root / "error.log"),
         ]
     )
+
+
+def guide_script(project: Generated) -> str:
+    """The guide's shell blocks as one script, continuation lines joined."""
+    return re.sub(r"[ \t]*\\\n\s*", " ", "\n".join(shell_blocks(project.read("deploy/README.md"))))
+
+
+def test_the_systemd_guide_pins_the_images_uv(generated: Callable[[Combo], Generated]) -> None:
+    """Issue 16: the guide installs the uv version the Dockerfile's image pins, not the latest."""
+    dockerfile = generated(DOCKER[0]).read("Dockerfile")
+    pinned = re.search(r"^FROM ghcr\.io/astral-sh/uv:(\S+) AS uv$", dockerfile, re.M)
+    assert pinned, "the Dockerfile pins no uv image"
+    for combo in SYSTEMD:
+        installs = re.findall(
+            r"https://astral\.sh/uv/(?:([^/\s]+)/)?install\.sh", guide_script(generated(combo))
+        )
+        assert installs == [pinned.group(1)], (combo.id, installs)
+
+
+@dataclass
+class Node:
+    owner: str
+    group: str
+    mode: int
+
+
+def guide_permissions(project: Generated) -> tuple[dict[str, set[str]], dict[str, Node]]:
+    """Who is in which group and who owns what, once the guide has run and the unit has
+    started: ({group: members}, {path: Node}). Groups and users come from the guide's groupadd,
+    useradd and usermod; directories and files from its `install -o -g`; the runtime directory
+    from the unit; the socket from gunicorn, which binds with its own umask (default 0) and
+    leaves it owned by the service's user and group."""
+    script = guide_script(project)
+    unit = parse_unit(project.unit.read_text())
+    value = lambda key: unit_value(unit, "Service", key)  # noqa: E731
+    groups: dict[str, set[str]] = {}
+    for match in re.finditer(r"groupadd --system (\S+)", script):
+        groups.setdefault(match.group(1), set())
+    for match in re.finditer(r"useradd (.*) (\S+)$", script, re.M):
+        options, user = match.group(1), match.group(2)
+        if "--user-group" in options:
+            groups.setdefault(user, set()).add(user)
+        for option in ("--gid", "--groups"):
+            found = re.search(rf"{option} (\S+)", options)
+            for group in found.group(1).split(",") if found else ():
+                groups.setdefault(group, set()).add(user)
+    for match in re.finditer(r"usermod --append --groups (\S+) (\S+)", script):
+        for group in match.group(1).split(","):
+            groups.setdefault(group, set()).add(match.group(2))
+
+    nodes: dict[str, Node] = {}
+    for match in re.finditer(r"install -d -m (\d+) -o (\S+) -g (\S+) (\S+)", script):
+        nodes[match.group(4)] = Node(match.group(2), match.group(3), int(match.group(1), 8))
+    for match in re.finditer(r"install -m (\d+) -o (\S+) -g (\S+) \S+ (\S+)", script):
+        nodes[match.group(4)] = Node(match.group(2), match.group(3), int(match.group(1), 8))
+    user, group = value("User"), value("Group")
+    nodes[f"/run/{value('RuntimeDirectory')}"] = Node(
+        user, group, int(value("RuntimeDirectoryMode"), 8)
+    )
+    umask = re.search(r"^umask\s*=\s*(0o[0-7]+|\d+)", project.read("gunicorn.conf.py"), re.M)
+    exec_start = shlex.split(value("ExecStart"))
+    socket_path = exec_start[exec_start.index("--bind") + 1].removeprefix("unix:")
+    nodes[socket_path] = Node(user, group, 0o777 & ~(int(umask.group(1), 0) if umask else 0))
+    return groups, nodes
+
+
+def may(
+    groups: dict[str, set[str]], nodes: dict[str, Node], user: str, path: str, bit: int
+) -> bool:
+    """Whether `user` may search every directory above `path` and has `bit` (4 read, 2 write:
+    connecting to a socket) on it. Paths the guide does not create are taken as world-readable."""
+    if user == "root":
+        return True
+    member_of = {group for group, members in groups.items() if user in members}
+
+    def allows(node: Node, want: int) -> bool:
+        shift = 6 if node.owner == user else 3 if node.group in member_of else 0
+        return bool(node.mode >> shift & want)
+
+    parents = [str(p) for p in Path(path).parents]
+    if not all(allows(nodes[p], 1) for p in parents if p in nodes):
+        return False
+    return path not in nodes or allows(nodes[path], bit)
+
+
+@pytest.mark.parametrize("combo", params(SYSTEMD))
+def test_systemd_guide_who_can_read_what(
+    generated: Callable[[Combo], Generated], combo: Combo
+) -> None:
+    """Issue 16: once the guide has run, nginx's user reaches the socket and nothing else of
+    the service's: the env file (DATABASE_URL, SECRET_KEY, SENTRY_DSN) is root's alone, as the
+    guide's table says, and no other user reaches the socket."""
+    project = generated(combo)
+    unit = parse_unit(project.unit.read_text())
+    value = lambda key: unit_value(unit, "Service", key)  # noqa: E731
+    env_file, service_user = value("EnvironmentFile"), value("User")
+    exec_start = shlex.split(value("ExecStart"))
+    socket_path = exec_start[exec_start.index("--bind") + 1].removeprefix("unix:")
+    groups, nodes = guide_permissions(project)
+
+    assert env_file in nodes, "the guide does not create the env file"
+    assert may(groups, nodes, "www-data", socket_path, 2), "nginx cannot reach the socket"
+    assert may(groups, nodes, service_user, socket_path, 2)
+    assert not may(groups, nodes, "nobody", socket_path, 2), "anyone reaches the socket"
+    assert may(groups, nodes, "root", env_file, 4)
+    for user in ("www-data", service_user, "nobody"):
+        assert not may(groups, nodes, user, env_file, 4), f"{user} can read the secrets"
+    # The socket's group serves the socket alone: the service's files are not in it.
+    assert value("Group") in groups and "www-data" in groups[value("Group")]
+
+    # The table says the same.
+    guide = project.read("deploy/README.md")
+    row = next(line for line in guide.splitlines() if line.startswith("|") and env_file in line)
+    assert row.rstrip().endswith("| root only |"), row
+    row = next(line for line in guide.splitlines() if line.startswith("|") and socket_path in line)
+    assert f"`{value('Group')}` group" in row and "www-data" in row, row
+
+
+@pytest.mark.parametrize("combo", params(SYSTEMD))
+def test_systemd_service_runs_in_production(
+    generated: Callable[[Combo], Generated], combo: Combo, tmp_path: Path
+) -> None:
+    """Issue 16: the environment systemd gives the service once the guide has installed the env
+    file is production. systemd.exec(5): "Settings from these files [EnvironmentFile=] override
+    settings made with Environment=", so the unit's ENVIRONMENT only counts if the file the
+    guide writes does not set one."""
+    project = generated(combo)
+    unit = parse_unit(project.unit.read_text())
+    env_file = unit_value(unit, "Service", "EnvironmentFile")
+    # The guide's command that writes the env file, run here: same input, a temporary output
+    # (ownership is test_systemd_guide_who_can_read_what's business).
+    (command,) = [
+        line
+        for line in guide_script(project).splitlines()
+        if re.search(rf"install .*\S+ {re.escape(env_file)}$", line)
+    ]
+    target = tmp_path / "service.env"
+    command = re.sub(r"-o \S+ -g \S+ ", "", command.replace("sudo ", "")).replace(
+        env_file, str(target)
+    )
+    run(["bash", "-c", command], cwd=project.path)
+    environment = {**unit_environment(unit), **parse_env_file(target.read_text())}
+    assert environment.get("ENVIRONMENT") == "production", environment.get("ENVIRONMENT")
+    assert target.stat().st_mode & 0o777 == 0o600

@@ -16,6 +16,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -42,12 +43,14 @@ from ..services import children_of
 from .support import (
     Generated,
     NginxSandbox,
+    connects,
     dockerfile_instructions,
     healthcheck_command,
     nginx_sandbox,
     parse_env_file,
     parse_unit,
     run_healthcheck,
+    unit_environment,
     unit_value,
     uv,
 )
@@ -104,17 +107,6 @@ class Service:
                 return found[0]
             time.sleep(0.05)
         raise AssertionError(f"no access line for {request_id}:\n{self.log.read_text()[-3000:]}")
-
-
-def connects(address: tuple[str, int] | str) -> bool:
-    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
-    with socket.socket(family) as s:
-        s.settimeout(1)
-        try:
-            s.connect(address)
-        except OSError:
-            return False
-        return True
 
 
 @contextlib.contextmanager
@@ -204,6 +196,21 @@ def assert_through_nginx(
             assert time.monotonic() < deadline, sandbox.access_log.read_text()[-3000:]
             time.sleep(0.05)
 
+        # Issue 16: a malformed id (here, text that would forge a field in nginx's log) is
+        # replaced by nginx with its own, which the app keeps: both logs carry the same id.
+        malformed = 'forged" request_id=evil x="'
+        answer = client.get(
+            "/api/v1/info", headers={**host, "X-Request-ID": malformed}, extensions=sni
+        )
+        replaced = answer.headers["x-request-id"]
+        assert re.fullmatch(r"[0-9a-f]{32}", replaced), replaced
+        service.access_line(replaced)
+        deadline = time.monotonic() + 5
+        while f"request_id={replaced}\n" not in sandbox.access_log.read_text():
+            assert time.monotonic() < deadline, sandbox.access_log.read_text()[-3000:]
+            time.sleep(0.05)
+        assert "forged" not in sandbox.access_log.read_text()
+
         # Dotfiles never reach the app.
         assert client.get("/.env", headers=host, extensions=sni).status_code == 404
         assert not [x for x in service.lines() if x.get("path") == "/.env"]
@@ -233,6 +240,131 @@ def assert_through_nginx(
                 assert answer.headers["strict-transport-security"]
                 break
         assert statuses[:20] == [200] * 20 and statuses[-1] == 429, statuses
+
+
+def psql_value(postgres: Postgres, database: str, sql: str) -> str:
+    proc = run(
+        [
+            str(postgres.bindir / "psql"),
+            *("-h", postgres.host, "-p", str(postgres.port), "-U", postgres.user, "-d", database),
+            *("-A", "-t", "-c", sql),
+        ]
+    )
+    return proc.stdout.strip()
+
+
+def assert_slow_get_runs_once(
+    project: Generated,
+    certificate: Path,
+    service: Service,
+    postgres: Postgres,
+    database: str,
+    root: Path,
+    upstream: str,
+) -> None:
+    """A GET slower than nginx's proxy_read_timeout (shortened to 1 s here; a table lock holds
+    the query) runs once in the service: nginx answers 504 after one timeout, not two, and
+    does not send the request again to the second upstream entry."""
+    text = project.nginx_conf.read_text()
+    assert "proxy_read_timeout 35s;" in text
+    sandbox = nginx_sandbox(
+        project,
+        text.replace("proxy_read_timeout 35s;", "proxy_read_timeout 1s;"),
+        certificate,
+        root,
+        upstream,
+    )
+    lock_s = 5
+    locker = threading.Thread(
+        target=postgres.psql,
+        args=(
+            f"BEGIN; LOCK TABLE items IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep({lock_s}); COMMIT;",
+            database,
+        ),
+    )
+    with running_nginx(sandbox), https_client(sandbox, certificate, "127.0.0.5") as client:
+        locker.start()
+        try:
+            deadline = time.monotonic() + lock_s - 2
+            while (
+                psql_value(
+                    postgres,
+                    database,
+                    "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+                    "WHERE c.relname = 'items' AND l.mode = 'AccessExclusiveLock' AND l.granted",
+                )
+                != "1"
+            ):
+                assert time.monotonic() < deadline, "the table lock was not taken"
+                time.sleep(0.05)
+            request_id = f"slow-{uuid.uuid4().hex}"
+            started_at = time.monotonic()
+            answer = client.get(
+                "/api/v1/items",
+                headers={"Host": project.domain, "X-Request-ID": request_id},
+                extensions={"sni_hostname": project.domain},
+            )
+            waited = time.monotonic() - started_at
+        finally:
+            locker.join()
+        assert answer.status_code == 504, answer.text
+        # The query ends once the lock is gone; a second run would end about as soon.
+        service.access_line(request_id)
+        time.sleep(1)
+        runs = [x for x in service.lines() if x.get("request_id") == request_id and "status" in x]
+        assert len(runs) == 1, f"the GET ran {len(runs)} times: {runs}"
+        assert waited < 1.9, f"504 after {waited:.2f} s: nginx waited for a second attempt"
+
+
+def with_real_ip(site_text: str, trusted: str) -> str:
+    """The site with its commented `real_ip` lines switched on, trusting `trusted`."""
+    lines = re.findall(
+        r"^# ((?:set_real_ip_from|real_ip_header|real_ip_recursive) .*;)$", site_text, re.M
+    )
+    assert [line.split()[0] for line in lines] == [
+        "set_real_ip_from",
+        "real_ip_header",
+        "real_ip_recursive",
+    ], lines
+    for line in lines:
+        on = re.sub(r"^set_real_ip_from \S+;", f"set_real_ip_from {trusted};", line)
+        site_text = site_text.replace(f"# {line}", on)
+    return site_text
+
+
+def assert_real_ip_from_a_trusted_balancer(
+    project: Generated, certificate: Path, service: Service, root: Path, upstream: str
+) -> None:
+    """Issue 16: the site's commented real_ip lines, switched on as deploy/README.md says, make
+    nginx take the client's address from a trusted balancer's X-Forwarded-For: the service and
+    nginx's log see the client, not the balancer."""
+    guide = project.read("deploy/README.md")
+    block = re.search(r"```nginx\n(.*?)```", guide, re.S).group(1)
+    documented = [line.split("#")[0].strip() for line in block.strip().splitlines()]
+    site_text = project.nginx_conf.read_text()
+    assert [f"# {line}" in site_text for line in documented] == [True] * 3, documented
+    sandbox = nginx_sandbox(
+        project, with_real_ip(site_text, "127.0.0.0/8"), certificate, root, upstream
+    )
+    with running_nginx(sandbox), https_client(sandbox, certificate, "127.0.0.6") as balancer:
+        request_id = f"real-ip-{uuid.uuid4().hex}"
+        answer = balancer.get(
+            "/api/v1/info",
+            headers={
+                "Host": project.domain,
+                "X-Request-ID": request_id,
+                "X-Forwarded-For": "198.51.100.23, 203.0.113.9",
+            },
+            extensions={"sni_hostname": project.domain},
+        )
+        assert answer.status_code == 200, answer.text
+        assert service.access_line(request_id)["client"] == "203.0.113.9"
+        deadline = time.monotonic() + 5
+        while f"request_id={request_id}" not in sandbox.access_log.read_text():
+            assert time.monotonic() < deadline, sandbox.access_log.read_text()[-3000:]
+            time.sleep(0.05)
+        (line,) = [x for x in sandbox.access_log.read_text().splitlines() if request_id in x]
+        assert line.startswith("203.0.113.9 "), line
 
 
 @pytest.mark.boot
@@ -335,11 +467,11 @@ def test_nginx_in_front_of_the_unit(
         ]
         assert exec_start[0] == str(bin_dir / "gunicorn")
         socket_path = exec_start[exec_start.index("--bind") + 1].removeprefix("unix:")
-        # EnvironmentFile=: the .env installed as the guide says (set to production).
-        env = {
-            "PATH": os.environ["PATH"],
-            **deployed_env(project, postgres, redis, "deploy_systemd"),
-        }
+        # Environment=, then EnvironmentFile= (which wins): the .env installed as the guide
+        # says, without an ENVIRONMENT line, so that production comes from the unit.
+        env_file = deployed_env(project, postgres, redis, "deploy_systemd")
+        del env_file["ENVIRONMENT"]
+        env = {"PATH": os.environ["PATH"], **unit_environment(unit), **env_file}
         if combo.postgres:  # the guide's migration step, as the service user would run it
             run([str(bin_dir / "alembic"), "upgrade", "head"], cwd=project.path, env=env)
         env["NOTIFY_SOCKET"] = notify_path
@@ -403,6 +535,19 @@ def test_nginx_in_front_of_the_unit(
                         )
                         assert answer.status_code == 200
                         time.sleep(0.05)
+
+            assert_real_ip_from_a_trusted_balancer(
+                project, certificate, service, tmp_path / "nginx-real-ip", f"unix:{socket_path}"
+            )
+            assert_slow_get_runs_once(
+                project,
+                certificate,
+                service,
+                postgres,
+                "deploy_systemd",
+                tmp_path / "nginx-slow",
+                f"unix:{socket_path}",
+            )
 
             # KillMode=mixed: SIGTERM to the main process, which must be gone in time.
             started_at = time.monotonic()

@@ -19,6 +19,7 @@ from .support import (
     NginxSandbox,
     nginx_sandbox,
     params,
+    parse_env_file,
     parse_unit,
     unit_value,
 )
@@ -89,12 +90,13 @@ def test_nginx_config(
     assert health and "access_log off;" in health.group(1) and "limit_req" not in health.group(1)
     root = re.search(r"location / \{\n\s+limit_req zone=(\S+) burst=\d+ nodelay;", conf)
     assert root and f"zone={root.group(1)}:" in conf
-    # Proxy timeouts outlast gunicorn's worker timeout, so gunicorn ends a slow request first.
-    timeout = int(
-        re.search(r"^timeout\s*=\s*(\d+)", project.read("gunicorn.conf.py"), re.M).group(1)
-    )
+    # Proxy timeouts outlast the service's own deadline, so a slow request gets the service's
+    # 504 with its request id; nginx tries the upstream again on connection errors only, never
+    # on a timeout (test_nginx_in_front_of_the_unit runs a slow GET).
+    request_timeout = float(parse_env_file(project.read(".env.example"))["REQUEST_TIMEOUT"])
     for name in ("proxy_read_timeout", "proxy_send_timeout"):
-        assert int(re.search(rf"{name} (\d+)s;", conf).group(1)) > timeout
+        assert int(re.search(rf"{name} (\d+)s;", conf).group(1)) > request_timeout
+    assert re.findall(r"proxy_next_upstream\s+([^;]*);", conf) == ["error"]
     # nginx drops idle upstream connections before gunicorn would close them under it.
     keepalive = re.search(r"^keepalive\s*=\s*(\d+)", project.read("gunicorn.conf.py"), re.M)
     assert int(re.search(r"keepalive_timeout (\d+)s;", conf).group(1)) < int(keepalive.group(1))
@@ -104,6 +106,14 @@ def test_nginx_config(
         assert f"server {bind[bind.index('--bind') + 1]} max_fails=0;" in conf, (
             "nginx and the unit disagree"
         )
+    # nginx keeps a client's request id under the rule the service applies (middleware.py).
+    service_rule = re.search(
+        r'_VALID_REQUEST_ID = re\.compile\(rb"(.*)"\)',
+        project.read(f"src/{project.package}/middleware.py"),
+    ).group(1)
+    request_id_map = re.search(r"map \$http_x_request_id \S+ \{(.*?)\}\n", conf, re.S).group(1)
+    assert re.findall(r'"~\^(.*)\$" \$http_x_request_id;', request_id_map) == [service_rule]
+    assert re.search(r"default\s+\$request_id;", request_id_map)
     # One upstream server listed twice, never marked failed: nginx's retry when a stopping worker
     # closes a connection it just used (see test_nginx_in_front_of_the_unit's reload).
     upstream = re.search(r"^upstream \S+ \{\n(.*?)^\}", conf, re.M | re.S)

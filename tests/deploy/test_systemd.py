@@ -75,7 +75,7 @@ def test_systemd_unit(
     value = lambda key: unit_value(unit, "Service", key)  # noqa: E731
     slug = project.slug
     assert value("Type") == "notify" and value("NotifyAccess") == "main"
-    assert value("User") == value("Group") == slug
+    assert value("User") == slug and value("Group") == f"{slug}-sock"
     assert value("WorkingDirectory") == f"/srv/{slug}"
     assert value("EnvironmentFile") == f"/etc/{slug}/{slug}.env"
     exec_start = shlex.split(value("ExecStart"))
@@ -106,6 +106,11 @@ def test_systemd_unit(
         "LimitNOFILE": "65536",
     }.items():
         assert value(key) == expected, key
+    # Issue 16: journald's rate limit is set for one line per request: at least 2,500 lines per
+    # second for each of the 16 workers the automatic count allows, and still a limit.
+    interval = value("LogRateLimitIntervalSec")
+    assert re.fullmatch(r"[1-9]\d*s", interval), interval
+    assert int(value("LogRateLimitBurst")) / int(interval[:-1]) >= 16 * 2500
     after = unit_value(unit, "Unit", "After").split()
     assert ("postgresql.service" in after) == combo.postgres
     assert ("redis-server.service" in after) == combo.redis
