@@ -231,13 +231,20 @@ def started(
     ready: Callable[[], bool] | None = None,
     timeout: float = 90,
     stop_timeout: float = 40,
+    pass_fds: tuple[int, ...] = (),
 ) -> Iterator[subprocess.Popen[bytes]]:
     """The one way the suite starts a server: cmd in a session of its own, stdout and stderr
-    to log; once ready() holds (see wait_for), the process is yielded; afterwards it is
-    stopped (see stop), whatever happened to it meanwhile."""
+    to log (and pass_fds inherited); once ready() holds (see wait_for), the process is yielded;
+    afterwards it is stopped (see stop), whatever happened to it meanwhile."""
     with log.open("wb") as out:
         process = subprocess.Popen(
-            cmd, cwd=cwd, env=dict(env), stdout=out, stderr=out, start_new_session=True
+            cmd,
+            cwd=cwd,
+            env=dict(env),
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+            pass_fds=pass_fds,
         )
     try:
         if ready is not None:

@@ -86,6 +86,10 @@ class Generated:
     def unit(self) -> Path:
         return self.path / "deploy" / "systemd" / f"{self.slug}.service"
 
+    @property
+    def socket_unit(self) -> Path:
+        return self.path / "deploy" / "systemd" / f"{self.slug}.socket"
+
     def read(self, relative: str) -> str:
         return (self.path / relative).read_text()
 
@@ -257,7 +261,7 @@ def nginx_sandbox(
     else:
         replacements += [
             (
-                f"server unix:/run/{project.slug}/gunicorn.sock max_fails=0;",
+                f"server unix:/run/{project.slug}.sock max_fails=0;",
                 f"server {upstream} max_fails=0;",
             ),
             (f"access_log /var/log/nginx/{project.slug}.access.log ", f"access_log {access_log} "),

@@ -98,14 +98,15 @@ def test_deploy_guide(
     env_dir = str(Path(env_file).parent)
     assert f"install -d -m 0700 -o root -g root {env_dir}" in script
     assert f"install -m 0600 -o root -g root /dev/stdin {env_file}" in script
-    assert f"install -m 0644 deploy/systemd/{slug}.service /etc/systemd/system/" in script
-    assert f"systemctl enable --now {slug}" in script
+    assert (
+        f"install -m 0644 deploy/systemd/{slug}.service deploy/systemd/{slug}.socket "
+        "/etc/systemd/system/"
+    ) in script
+    assert f"systemctl enable --now {slug}.socket {slug}.service" in script
     assert f"install -m 0644 deploy/nginx/{slug}.conf /etc/nginx/sites-available/" in script
     assert f"ln -s ../sites-available/{slug}.conf /etc/nginx/sites-enabled/{slug}.conf" in script
-    socket_path = shlex.split(value("ExecStart"))[
-        shlex.split(value("ExecStart")).index("--bind") + 1
-    ]
-    assert f"--unix-socket {socket_path.removeprefix('unix:')}" in script
+    socket_path = unit_value(parse_unit(project.socket_unit.read_text()), "Socket", "ListenStream")
+    assert f"--unix-socket {socket_path}" in script
     if combo.postgres:
         database_url = parse_env_file(project.read(".env.example"))["DATABASE_URL"]
         db_user = re.match(r"postgresql\+asyncpg://([^:]+):", database_url).group(1)
@@ -176,12 +177,10 @@ class Node:
 def guide_permissions(project: Generated) -> tuple[dict[str, set[str]], dict[str, Node]]:
     """Who is in which group and who owns what, once the guide has run and the unit has
     started: ({group: members}, {path: Node}). Groups and users come from the guide's groupadd,
-    useradd and usermod; directories and files from its `install -o -g`; the runtime directory
-    from the unit; the socket from gunicorn, which binds with its own umask (default 0) and
-    leaves it owned by the service's user and group."""
+    useradd and usermod; directories and files from its `install -o -g`; the socket from the
+    socket unit (systemd creates it with SocketUser=, SocketGroup= and SocketMode=)."""
     script = guide_script(project)
     unit = parse_unit(project.unit.read_text())
-    value = lambda key: unit_value(unit, "Service", key)  # noqa: E731
     groups: dict[str, set[str]] = {}
     for match in re.finditer(r"groupadd --system (\S+)", script):
         groups.setdefault(match.group(1), set())
@@ -202,14 +201,12 @@ def guide_permissions(project: Generated) -> tuple[dict[str, set[str]], dict[str
         nodes[match.group(4)] = Node(match.group(2), match.group(3), int(match.group(1), 8))
     for match in re.finditer(r"install -m (\d+) -o (\S+) -g (\S+) \S+ (\S+)", script):
         nodes[match.group(4)] = Node(match.group(2), match.group(3), int(match.group(1), 8))
-    user, group = value("User"), value("Group")
-    nodes[f"/run/{value('RuntimeDirectory')}"] = Node(
-        user, group, int(value("RuntimeDirectoryMode"), 8)
+    assert "RuntimeDirectory" not in dict(unit["Service"]), "a runtime directory to model"
+    socket_unit = parse_unit(project.socket_unit.read_text())
+    socket_value = lambda key: unit_value(socket_unit, "Socket", key)  # noqa: E731
+    nodes[socket_value("ListenStream")] = Node(
+        socket_value("SocketUser"), socket_value("SocketGroup"), int(socket_value("SocketMode"), 8)
     )
-    umask = re.search(r"^umask\s*=\s*(0o[0-7]+|\d+)", project.read("gunicorn.conf.py"), re.M)
-    exec_start = shlex.split(value("ExecStart"))
-    socket_path = exec_start[exec_start.index("--bind") + 1].removeprefix("unix:")
-    nodes[socket_path] = Node(user, group, 0o777 & ~(int(umask.group(1), 0) if umask else 0))
     return groups, nodes
 
 
@@ -243,13 +240,11 @@ def test_systemd_guide_who_can_read_what(
     unit = parse_unit(project.unit.read_text())
     value = lambda key: unit_value(unit, "Service", key)  # noqa: E731
     env_file, service_user = value("EnvironmentFile"), value("User")
-    exec_start = shlex.split(value("ExecStart"))
-    socket_path = exec_start[exec_start.index("--bind") + 1].removeprefix("unix:")
+    socket_path = unit_value(parse_unit(project.socket_unit.read_text()), "Socket", "ListenStream")
     groups, nodes = guide_permissions(project)
 
     assert env_file in nodes, "the guide does not create the env file"
     assert may(groups, nodes, "www-data", socket_path, 2), "nginx cannot reach the socket"
-    assert may(groups, nodes, service_user, socket_path, 2)
     assert not may(groups, nodes, "nobody", socket_path, 2), "anyone reaches the socket"
     assert may(groups, nodes, "root", env_file, 4)
     for user in ("www-data", service_user, "nobody"):

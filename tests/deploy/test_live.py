@@ -28,6 +28,7 @@ import httpx
 import pytest
 import yaml
 
+from ..drills_support import report
 from ..helpers import (
     ALL_ENABLED,
     Combo,
@@ -107,6 +108,72 @@ class Service:
                 return found[0]
             time.sleep(0.05)
         raise AssertionError(f"no access line for {request_id}:\n{self.log.read_text()[-3000:]}")
+
+
+def socket_activated(cmd: list[str], listener: socket.socket) -> list[str]:
+    """cmd as systemd starts a socket-activated service: the listening socket as file
+    descriptor 3, LISTEN_FDS=1 and LISTEN_PID set to the service's own pid (gunicorn checks
+    it), through a Python shim that execs cmd in its own process."""
+    shim = (
+        "import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); fd != 3 and os.close(fd); "
+        "os.environ.update(LISTEN_FDS='1', LISTEN_PID=str(os.getpid())); "
+        "os.execv(sys.argv[2], sys.argv[2:])"
+    )
+    return [sys.executable, "-c", shim, str(listener.fileno()), *cmd]
+
+
+@dataclass
+class Load:
+    """Steady requests through nginx from threads of their own until stopped: /health/live as
+    fast as a keep-alive client goes (not rate-limited), and /api/v1/info at 8 a second from
+    another address (under the site's 10 per second), recording each version it answers."""
+
+    project: Generated
+    sandbox: NginxSandbox
+    certificate: Path
+    failures: list[str]
+    versions: list[str]
+    sent: int = 0
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._run, args=(f"127.0.0.{10 + i}", "/health/live", 0.0))
+            for i in range(4)
+        ]
+        self._threads.append(
+            threading.Thread(target=self._run, args=("127.0.0.20", "/api/v1/info", 0.125))
+        )
+
+    def _run(self, source: str, path: str, pause: float) -> None:
+        headers = {"Host": self.project.domain}
+        with https_client(self.sandbox, self.certificate, source) as client:
+            while not self._stop.is_set():
+                try:
+                    answer = client.get(
+                        path, headers=headers, extensions={"sni_hostname": self.project.domain}
+                    )
+                    failure = None if answer.status_code == 200 else str(answer.status_code)
+                except httpx.HTTPError as exc:
+                    failure, answer = repr(exc), None
+                with self._lock:
+                    self.sent += 1
+                    if failure:
+                        self.failures.append(f"{path}: {failure}")
+                    elif path == "/api/v1/info" and answer is not None:
+                        self.versions.append(answer.json()["version"])
+                time.sleep(pause)
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
 
 
 @contextlib.contextmanager
@@ -431,42 +498,48 @@ def test_nginx_in_front_of_the_container(
 @pytest.mark.boot
 @pytest.mark.xdist_group("deploy-live-systemd")
 def test_nginx_in_front_of_the_unit(
+    request: pytest.FixtureRequest,
     generated: Callable[[Combo], Generated],
     certificates: Callable[[str], Path],
     postgres: Postgres,
     redis: Redis,
     tmp_path: Path,
 ) -> None:
-    """The service started as the unit starts it (ExecStart, WorkingDirectory, EnvironmentFile,
-    RuntimeDirectory; paths rewritten): it reports READY=1 on NOTIFY_SOCKET once it listens,
-    serves through nginx, reloads on ExecReload's HUP without failing a request, and stops
-    within TimeoutStopSec, removing its socket."""
+    """The service started as the units start it (the socket unit's socket passed to ExecStart
+    as systemd does, WorkingDirectory, EnvironmentFile; paths rewritten): it reports READY=1 on
+    NOTIFY_SOCKET, serves through nginx, reloads on ExecReload's HUP without failing a request,
+    restarts and is deployed (new code, then a restart) under steady load through nginx without
+    failing a request, and stops within TimeoutStopSec, leaving the socket to systemd."""
     combo = ALL_ENABLED["systemd"]
     project = generated(combo).copy(tmp_path / "project")
     certificate = certificates(project.domain)
     bin_dir = uv_sync(project)
     unit = parse_unit(project.unit.read_text())
     value = lambda key: unit_value(unit, "Service", key)  # noqa: E731
-    slug = project.slug
+    socket_unit = parse_unit(project.socket_unit.read_text())
+    socket_value = lambda key: unit_value(socket_unit, "Socket", key)  # noqa: E731
 
     with contextlib.ExitStack() as stack:
         # Short paths: unix socket paths are limited to 107 bytes.
         run_dir = Path(tempfile.mkdtemp(prefix="deploy-run-"))
         stack.callback(shutil.rmtree, run_dir, ignore_errors=True)
-        runtime = run_dir / value("RuntimeDirectory")
-        runtime.mkdir(mode=int(value("RuntimeDirectoryMode"), 8))
         notify_path = str(run_dir / "notify")
         notify = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM))
         notify.bind(notify_path)
         notify.settimeout(60)
+        # The socket unit, played: systemd listens before the service starts, and keeps the
+        # socket open across the service's restarts.
+        socket_path = str(run_dir / Path(socket_value("ListenStream")).name)
+        listener = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+        listener.bind(socket_path)
+        os.chmod(socket_path, int(socket_value("SocketMode"), 8))
+        listener.listen(int(socket_value("Backlog")))
 
         workdir = value("WorkingDirectory")
         exec_start = [
-            arg.replace(workdir, str(project.path)).replace(f"/run/{slug}", str(runtime))
-            for arg in shlex.split(value("ExecStart"))
+            arg.replace(workdir, str(project.path)) for arg in shlex.split(value("ExecStart"))
         ]
         assert exec_start[0] == str(bin_dir / "gunicorn")
-        socket_path = exec_start[exec_start.index("--bind") + 1].removeprefix("unix:")
         # Environment=, then EnvironmentFile= (which wins): the .env installed as the guide
         # says, without an ENVIRONMENT line, so that production comes from the unit.
         env_file = deployed_env(project, postgres, redis, "deploy_systemd")
@@ -476,83 +549,134 @@ def test_nginx_in_front_of_the_unit(
             run([str(bin_dir / "alembic"), "upgrade", "head"], cwd=project.path, env=env)
         env["NOTIFY_SOCKET"] = notify_path
 
-        app_log = tmp_path / "app.log"
-        with started(exec_start, project.path, env, app_log) as process:
-            service = Service(process, app_log)
+        def start(log: Path) -> Service:
+            """`systemctl start`: ExecStart with the socket; returns once READY=1 arrives."""
+            process = stack.enter_context(
+                started(
+                    socket_activated(exec_start, listener),
+                    project.path,
+                    env,
+                    log,
+                    pass_fds=(listener.fileno(),),
+                )
+            )
             message = notify.recv(4096).decode()
             assert "READY=1" in message.split("\n"), message
-            assert connects(socket_path), "READY=1 before gunicorn listens"
-            assert runtime.stat().st_mode & 0o777 == 0o750
+            return Service(process, log)
 
-            sandbox = nginx_sandbox(
-                project,
-                project.nginx_conf.read_text(),
-                certificate,
-                tmp_path / "nginx",
-                f"unix:{socket_path}",
-            )
-            with running_nginx(sandbox):
-                assert_through_nginx(project, sandbox, certificate, service)
-
-                # ExecReload: HUP to the main process; requests keep succeeding meanwhile.
-                signal_name = shlex.split(value("ExecReload"))[2]
-                booted = lambda: service.log.read_text().count("Booting worker")  # noqa: E731
-                before, old_workers = booted(), children_of(service.process.pid)
-                with https_client(sandbox, certificate, "127.0.0.4") as client:
-                    os.kill(service.process.pid, getattr(signal, f"SIG{signal_name}"))
-                    deadline = time.monotonic() + 30
-                    statuses: list[int] = []
-                    # Until the new workers have booted and the old ones have exited.
-                    while (
-                        booted() < 2 * before or old_workers & children_of(service.process.pid)
-                    ) and time.monotonic() < deadline:
-                        answer = client.get(
-                            "/health/live",
-                            headers={"Host": project.domain},
-                            extensions={"sni_hostname": project.domain},
-                        )
-                        statuses.append(answer.status_code)
-                        time.sleep(0.05)
-                    assert booted() == 2 * before, "HUP did not replace the workers"
-                    assert old_workers, "no workers before the reload"
-                    assert not old_workers & children_of(service.process.pid), "old workers left"
-                    # Known race, seen under CPU load: a stopping worker closes, unread, a
-                    # connection nginx has just sent a request on. The site lists its upstream
-                    # twice so that nginx retries on a new connection; should the retry meet
-                    # the race too, nginx answers 502. At most one request of the reload may;
-                    # anything more is a reload that is not graceful.
-                    failed = [status for status in statuses if status != 200]
-                    sys.stderr.write(f"HUP reload: {len(statuses)} requests, failed {failed}\n")
-                    assert len(failed) <= 1 and set(failed) <= {502}, (
-                        statuses,
-                        sandbox.error_log.read_text()[-3000:],
-                    )
-                    for _ in range(20):
-                        answer = client.get(
-                            "/health/live",
-                            headers={"Host": project.domain},
-                            extensions={"sni_hostname": project.domain},
-                        )
-                        assert answer.status_code == 200
-                        time.sleep(0.05)
-
-            assert_real_ip_from_a_trusted_balancer(
-                project, certificate, service, tmp_path / "nginx-real-ip", f"unix:{socket_path}"
-            )
-            assert_slow_get_runs_once(
-                project,
-                certificate,
-                service,
-                postgres,
-                "deploy_systemd",
-                tmp_path / "nginx-slow",
-                f"unix:{socket_path}",
-            )
-
-            # KillMode=mixed: SIGTERM to the main process, which must be gone in time.
+        def stop(service: Service) -> float:
+            """`systemctl stop` (KillMode=mixed: SIGTERM to the main process, which must be
+            gone within TimeoutStopSec, exiting 0); returns the seconds it took."""
             started_at = time.monotonic()
             service.process.send_signal(signal.SIGTERM)
             service.process.wait(timeout=int(value("TimeoutStopSec")))
-            assert time.monotonic() - started_at < int(value("TimeoutStopSec"))
+            took = time.monotonic() - started_at
             assert service.process.returncode == 0, service.log.read_text()[-3000:]
-            assert not os.path.exists(socket_path)
+            return took
+
+        service = start(tmp_path / "app.log")
+        assert connects(socket_path)
+
+        sandbox = nginx_sandbox(
+            project,
+            project.nginx_conf.read_text(),
+            certificate,
+            tmp_path / "nginx",
+            f"unix:{socket_path}",
+        )
+        with running_nginx(sandbox):
+            assert_through_nginx(project, sandbox, certificate, service)
+
+            # ExecReload: HUP to the main process; requests keep succeeding meanwhile.
+            signal_name = shlex.split(value("ExecReload"))[2]
+            booted = lambda: service.log.read_text().count("Booting worker")  # noqa: E731
+            before, old_workers = booted(), children_of(service.process.pid)
+            with https_client(sandbox, certificate, "127.0.0.4") as client:
+                os.kill(service.process.pid, getattr(signal, f"SIG{signal_name}"))
+                deadline = time.monotonic() + 30
+                statuses: list[int] = []
+                # Until the new workers have booted and the old ones have exited.
+                while (
+                    booted() < 2 * before or old_workers & children_of(service.process.pid)
+                ) and time.monotonic() < deadline:
+                    answer = client.get(
+                        "/health/live",
+                        headers={"Host": project.domain},
+                        extensions={"sni_hostname": project.domain},
+                    )
+                    statuses.append(answer.status_code)
+                    time.sleep(0.05)
+                assert booted() == 2 * before, "HUP did not replace the workers"
+                assert old_workers, "no workers before the reload"
+                assert not old_workers & children_of(service.process.pid), "old workers left"
+                # Known race, seen under CPU load: a stopping worker closes, unread, a
+                # connection nginx has just sent a request on. The site lists its upstream
+                # twice so that nginx retries on a new connection; should the retry meet
+                # the race too, nginx answers 502. At most one request of the reload may;
+                # anything more is a reload that is not graceful.
+                failed = [status for status in statuses if status != 200]
+                sys.stderr.write(f"HUP reload: {len(statuses)} requests, failed {failed}\n")
+                assert len(failed) <= 1 and set(failed) <= {502}, (
+                    statuses,
+                    sandbox.error_log.read_text()[-3000:],
+                )
+                for _ in range(20):
+                    answer = client.get(
+                        "/health/live",
+                        headers={"Host": project.domain},
+                        extensions={"sni_hostname": project.domain},
+                    )
+                    assert answer.status_code == 200
+                    time.sleep(0.05)
+
+            # Issue 16: a restart, then a deploy (new code, then a restart), under steady load
+            # through nginx: connections wait in systemd's socket while no gunicorn serves it.
+            failures: list[str] = []
+            versions: list[str] = []
+            figures: dict[str, Any] = {}
+            init = project.path / "src" / project.package / "__init__.py"
+            with Load(project, sandbox, certificate, failures, versions) as load:
+                time.sleep(1)
+                for step, log in (("restart", "app-2.log"), ("deploy", "app-3.log")):
+                    if step == "deploy":
+                        init.write_text(
+                            re.sub(r"__version__ = .*", '__version__ = "2.0.0"', init.read_text())
+                        )
+                    sent_before = load.sent
+                    drain = stop(service)
+                    gap_started = time.monotonic()
+                    service = start(tmp_path / log)
+                    figures[step] = {
+                        "stop_s": round(drain, 2),
+                        "no_gunicorn_s": round(time.monotonic() - gap_started, 2),
+                    }
+                    # The queued requests are served once a new worker has loaded the app.
+                    wait_for(
+                        lambda n=sent_before: load.sent > n + 200,
+                        step,
+                        service.process,
+                        service.log,
+                    )
+                    time.sleep(1)
+                    figures[step]["requests"] = load.sent - sent_before
+            figures["requests"], figures["failed"] = load.sent, len(failures)
+            report(request, "systemd-restart", figures)
+            assert not failures, (figures, failures[:10])
+            assert versions[-1] == "2.0.0" and versions[0] != "2.0.0", versions
+
+        assert_real_ip_from_a_trusted_balancer(
+            project, certificate, service, tmp_path / "nginx-real-ip", f"unix:{socket_path}"
+        )
+        assert_slow_get_runs_once(
+            project,
+            certificate,
+            service,
+            postgres,
+            "deploy_systemd",
+            tmp_path / "nginx-slow",
+            f"unix:{socket_path}",
+        )
+
+        # The service stops in time; the socket is systemd's and stays, queueing connections.
+        assert stop(service) < int(value("TimeoutStopSec"))
+        assert connects(socket_path)
