@@ -266,6 +266,7 @@ def test_nginx_in_front_of_the_container(
         **deployed_env(project, postgres, redis, "deploy_docker"),
         **app_env,
         "BIND": f"127.0.0.1:{port}",
+        "METRICS_BIND": f"127.0.0.1:{free_port()}",
     }
 
     migrate = compose["services"]["migrate"]["command"]
@@ -343,6 +344,7 @@ def test_nginx_in_front_of_the_unit(
         if combo.postgres:  # the guide's migration step, as the service user would run it
             run([str(bin_dir / "alembic"), "upgrade", "head"], cwd=project.path, env=env)
         env["NOTIFY_SOCKET"] = notify_path
+        env["METRICS_BIND"] = f"127.0.0.1:{free_port()}"  # .env's port: taken by a parallel test
 
         app_log = tmp_path / "app.log"
         with started(exec_start, project.path, env, app_log) as process:
