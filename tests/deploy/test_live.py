@@ -204,6 +204,11 @@ def assert_through_nginx(
             assert time.monotonic() < deadline, sandbox.access_log.read_text()[-3000:]
             time.sleep(0.05)
 
+        # The metrics are served on the master's own port (METRICS_BIND), which nginx never
+        # proxies: /metrics through nginx is the app's 404, not the metrics.
+        answer = client.get("/metrics", headers=host, extensions=sni)
+        assert answer.status_code == 404 and "http_requests_total" not in answer.text
+
         # Dotfiles never reach the app.
         assert client.get("/.env", headers=host, extensions=sni).status_code == 404
         assert not [x for x in service.lines() if x.get("path") == "/.env"]
