@@ -12,8 +12,10 @@ batch least disturbed by other processes on the machine.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -107,9 +109,9 @@ def main() -> None:
     sys.path.insert(0, bare_dir)
     # The metrics as under gunicorn: each worker's values in files of its own (multiprocess
     # mode, chosen when prometheus_client is imported).
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(
-        prefix="bench-metrics-", dir="/dev/shm"
-    )
+    directory = tempfile.mkdtemp(prefix="bench-metrics-", dir="/dev/shm")  # removed at exit
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     from app import app as bare  # the bare app
     from my_service import middleware
     from my_service.main import create_app
