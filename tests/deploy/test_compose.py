@@ -134,7 +134,11 @@ def test_compose(generated: Callable[[Combo], Generated], combo: Combo, tmp_path
         check_redis_memory_bound(services["redis"]["command"], tmp_path / "redis")
 
     # Issue 16: the guide's IPv6 network for compose.yaml ("Client addresses") is valid compose.
-    (snippet,) = re.findall(r"```yaml\n(.*?)```", project.read("deploy/README.md"), re.S)
+    (snippet,) = [
+        block
+        for block in re.findall(r"```yaml\n(.*?)```", project.read("deploy/README.md"), re.S)
+        if "enable_ipv6" in block
+    ]
     compose_file = project.path / "compose.yaml"
     original = compose_file.read_text()
     compose_file.write_text(original + "\n" + textwrap.dedent(snippet))

@@ -277,6 +277,10 @@ def assert_through_nginx(
             assert time.monotonic() < deadline, sandbox.access_log.read_text()[-3000:]
             time.sleep(0.05)
         assert "forged" not in sandbox.access_log.read_text()
+        # The metrics are served on the master's own port (METRICS_BIND), which nginx never
+        # proxies: /metrics through nginx is the app's 404, not the metrics.
+        answer = client.get("/metrics", headers=host, extensions=sni)
+        assert answer.status_code == 404 and "http_requests_total" not in answer.text
 
         # Dotfiles never reach the app.
         assert client.get("/.env", headers=host, extensions=sni).status_code == 404
@@ -465,6 +469,7 @@ def test_nginx_in_front_of_the_container(
         **deployed_env(project, postgres, redis, "deploy_docker"),
         **app_env,
         "BIND": f"127.0.0.1:{port}",
+        "METRICS_BIND": f"127.0.0.1:{free_port()}",
     }
 
     migrate = compose["services"]["migrate"]["command"]
@@ -548,6 +553,7 @@ def test_nginx_in_front_of_the_unit(
         if combo.postgres:  # the guide's migration step, as the service user would run it
             run([str(bin_dir / "alembic"), "upgrade", "head"], cwd=project.path, env=env)
         env["NOTIFY_SOCKET"] = notify_path
+        env["METRICS_BIND"] = f"127.0.0.1:{free_port()}"  # .env's port: taken by a parallel test
 
         def start(log: Path) -> Service:
             """`systemctl start`: ExecStart with the socket; returns once READY=1 arrives."""
