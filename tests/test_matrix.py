@@ -34,7 +34,11 @@ FEATURE_FILES = {
 }
 DEPLOYMENT_FILES = {
     "docker": ["Dockerfile", ".dockerignore", "compose.yaml", "deploy/nginx/my-service.conf"],
-    "systemd": ["deploy/systemd/my-service.service", "deploy/nginx/my-service.conf"],
+    "systemd": [
+        "deploy/systemd/my-service.service",
+        "deploy/systemd/my-service.socket",
+        "deploy/nginx/my-service.conf",
+    ],
     "kubernetes": ["Dockerfile", ".dockerignore", "deploy/kubernetes/kustomization.yaml"],
 }
 COMMON_FILES = [

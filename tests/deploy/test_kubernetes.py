@@ -265,8 +265,18 @@ def check_consistency(project: Generated) -> None:
     assert app["readinessProbe"]["httpGet"]["path"] == "/health/serving"
     assert ports[service["spec"]["ports"][0]["targetPort"]] == bind_port
     assert service["spec"]["selector"] == server_labels
+    # Metrics: the master's own port, scraped by annotation, reached by no Service.
+    metrics_port = int(configmap["METRICS_BIND"].rsplit(":", 1)[1])
+    assert ports["metrics"] == metrics_port != bind_port
+    pod_annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert pod_annotations["prometheus.io/scrape"] == "true"
+    assert int(pod_annotations["prometheus.io/port"]) == metrics_port
+    assert all(
+        ports.get(p["targetPort"], p["targetPort"]) != metrics_port
+        for p in service["spec"]["ports"]
+    )
     expose = [a for i, a in dockerfile_instructions(project.read("Dockerfile")) if i == "EXPOSE"]
-    assert expose == [str(bind_port)]
+    assert expose == [f"{bind_port} {metrics_port}"]
 
     # Shutdown: the grace period covers the preStop sleep and gunicorn's graceful_timeout.
     sleep = app["lifecycle"]["preStop"]["sleep"]["seconds"]
@@ -344,15 +354,16 @@ def check_consistency(project: Generated) -> None:
     keys = {c["topologyKey"] for c in pod["topologySpreadConstraints"]}
     assert keys == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
 
-    # Traffic in only from ingress-nginx, to the pods' port.
+    # Traffic in only from ingress-nginx, to the pods' port, and from monitoring to the metrics.
     policy = built["NetworkPolicy"]["spec"]
     assert policy["policyTypes"] == ["Ingress"]
-    (rule,) = policy["ingress"]
-    (peer,) = rule["from"]
-    assert peer["namespaceSelector"]["matchLabels"] == {
-        "kubernetes.io/metadata.name": "ingress-nginx"
-    }
-    assert ports.get(rule["ports"][0]["port"], rule["ports"][0]["port"]) == bind_port
+    admitted = {}
+    for rule in policy["ingress"]:
+        (peer,) = rule["from"]
+        (port,) = rule["ports"]
+        namespace = peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+        admitted[ports.get(port["port"], port["port"])] = namespace
+    assert admitted == {bind_port: "ingress-nginx", metrics_port: "monitoring"}, admitted
 
     # The Ingress: the domain, TLS through cert-manager, to the Service.
     ingress = built["Ingress"]["spec"]
