@@ -3,10 +3,10 @@
 `python layers.py BARE_DIR PATH...` prints JSON: CPU microseconds per request through the ASGI
 app (no server, no network) for the bare app, the generated app without its own middleware,
 then with each middleware added in turn (outermost first, as a request meets them), the whole
-app without its access line, and the whole app with and without its metrics' two steps (written
-to files, as under gunicorn). Each request runs in its own task, as under uvicorn. The variants
-are interleaved in many short batches; the 10th percentile of the batches is reported, the
-batch least disturbed by other processes on the machine.
+app without its access line (ACCESS_LOG=false), and the whole app with and without its
+metrics' two steps (written to files, as under gunicorn). Each request runs in its own task, as
+under uvicorn. The variants are interleaved in many short batches; the 10th percentile of the
+batches is reported, the batch least disturbed by other processes on the machine.
 """
 
 from __future__ import annotations
@@ -115,13 +115,19 @@ def main() -> None:
     from app import app as bare  # the bare app
     from my_service import middleware
     from my_service.main import create_app
+    from my_service.settings import load_settings
 
     def generated(keep: int | None, silent: bool = False) -> Any:
-        app = create_app()
+        settings = load_settings()
+        if silent and "access_log" in type(settings).model_fields:
+            # Without the access line as an operator turns it off (ACCESS_LOG=false).
+            app = create_app(settings.model_copy(update={"access_log": False}))
+        else:
+            app = create_app(settings)
+            if silent:  # a template from before ACCESS_LOG (--compare): the line silenced
+                app.build_middleware_stack = _silencing(app.build_middleware_stack)
         if keep is not None:
             app.user_middleware = app.user_middleware[:keep]
-        if silent:
-            app.build_middleware_stack = _silencing(app.build_middleware_stack)
         return app
 
     def _silencing(build: Any) -> Any:
