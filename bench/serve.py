@@ -1,5 +1,10 @@
-"""What the production features cost the generated service: throughput and latency against a bare
-FastAPI app under the same gunicorn settings, start time, memory per worker, and a profile.
+"""What the production features cost the generated service: throughput and latency against two
+baselines under the same gunicorn settings, start time, memory per worker, and a profile.
+
+The baselines: the plain bare app (`bench/bare/app.py`: the same two routes written plainly, what
+FastAPI and gunicorn cost by themselves) and a bare app with the service's own routers
+(`bench/bare/routers.py`: the routers, dependencies and models as generated, without the
+service's middleware, logging and lifespan: what any FastAPI service of this shape costs).
 
 One worker per server, pinned to one core; wrk on another core. Rounds are interleaved (bare,
 generated, bare, generated, ...) so that the noise of a shared machine falls on both sides, and
@@ -66,7 +71,7 @@ ROUTES = [  # (name, path, measured on the bare app too)
 @dataclass
 class Server:
     name: str
-    kind: str  # "generated" or "bare"
+    kind: str  # "generated", or a baseline: "bare", "routers"
     proc: subprocess.Popen[bytes]
     port: int
     log_path: Path
@@ -156,13 +161,20 @@ def wait_for(
         time.sleep(interval)
 
 
+BASELINES = {"bare": "bare", "routers": "bare, same routers"}  # kind: server name
+
+
 def gunicorn_cmd(kind: str, project: Path, port: int, cpu: int | None) -> tuple[list[str], Path]:
     gunicorn = str(project / ".venv" / "bin" / "gunicorn")
+    app: list[str] = []
     if kind == "bare":
         conf, cwd = BENCH / "bare" / "gunicorn.conf.py", BENCH / "bare"
+    elif kind == "routers":  # the bare app's settings; the project's directory, for its .env
+        conf, cwd = BENCH / "bare" / "gunicorn.conf.py", project
+        app = ["--pythonpath", str(BENCH / "bare"), "routers:app"]
     else:
         conf, cwd = project / "gunicorn.conf.py", project
-    cmd = [gunicorn, "-c", str(conf), "--bind", f"127.0.0.1:{port}", "--max-requests", "0"]
+    cmd = [gunicorn, "-c", str(conf), "--bind", f"127.0.0.1:{port}", "--max-requests", "0", *app]
     return pinned(cmd, cpu), cwd
 
 
@@ -378,8 +390,23 @@ def start_times(project: Path, env: dict[str, str], runs: int, scratch: Path) ->
 
 
 # ------------------------------------------------------------------------------ the run
+def _ratios(runs: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> dict[str, Any]:
+    """Requests/s over the baseline's, and the baseline's CPU per request over this server's, in
+    each round (measured side by side)."""
+    ratios = [g["rps"] / b["rps"] for g, b in zip(runs, baseline, strict=True)]
+    cpu_ratios = [
+        b["cpu_us_per_request"] / g["cpu_us_per_request"]
+        for g, b in zip(runs, baseline, strict=True)
+    ]
+    return {
+        "ratio": {"median": median(ratios), "spread": spread(ratios), "rounds": ratios},
+        "cpu_ratio": {"median": median(cpu_ratios), "spread": spread(cpu_ratios)},
+    }
+
+
 def summarise(servers: list[Server]) -> dict[str, Any]:
     bare = next(s for s in servers if s.kind == "bare")
+    same_routers = next((s for s in servers if s.kind == "routers"), None)
     routes: dict[str, Any] = {}
     for route, path, on_bare in ROUTES:
         entry: dict[str, Any] = {"path": path, "servers": {}}
@@ -396,19 +423,11 @@ def summarise(servers: list[Server]) -> dict[str, Any]:
             stats["socket_errors"] = sum(r["socket_errors"] for r in runs)
             stats["rounds"] = runs
             if on_bare and srv is not bare:
-                ratios = [
-                    g["rps"] / b["rps"] for g, b in zip(runs, bare.results[route], strict=True)
-                ]
-                cpu_ratios = [
-                    b["cpu_us_per_request"] / g["cpu_us_per_request"]
-                    for g, b in zip(runs, bare.results[route], strict=True)
-                ]
-                stats["ratio"] = {
-                    "median": median(ratios),
-                    "spread": spread(ratios),
-                    "rounds": ratios,
-                }
-                stats["cpu_ratio"] = {"median": median(cpu_ratios), "spread": spread(cpu_ratios)}
+                stats.update(_ratios(runs, bare.results[route]))  # against the plain bare app
+            if on_bare and same_routers is not None and srv.kind == "generated":
+                against = _ratios(runs, same_routers.results[route])
+                stats["ratio_routers"] = against["ratio"]
+                stats["cpu_ratio_routers"] = against["cpu_ratio"]
             if srv.kind == "generated":
                 served = sum(r["requests"] for r in runs)
                 lines = sum(r["access_lines"] for r in runs)
@@ -491,18 +510,17 @@ def run(
         log("serve: start time (gunicorn start to the first 200 from /health/ready)")
         start = start_times(projects["generated"], env, start_runs, scratch)
 
-        log("serve: starting the bare app and the generated service (one worker each)")
+        log("serve: starting the baselines and the generated service (one worker each)")
         servers = [
-            stack.enter_context(
-                server("bare", "bare", projects["generated"], env, server_cpu, logs)
-            )
+            stack.enter_context(server(name, kind, projects["generated"], env, server_cpu, logs))
+            for kind, name in BASELINES.items()
         ]
         servers += [
             stack.enter_context(server(name, "generated", path, env, server_cpu, logs))
             for name, path in projects.items()
         ]
         plan = [
-            (route, path, [s for s in servers if on_bare or s.kind != "bare"])
+            (route, path, [s for s in servers if on_bare or s.kind == "generated"])
             for route, path, on_bare in ROUTES
         ]
 
