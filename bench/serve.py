@@ -88,13 +88,15 @@ class Server:
 
 
 # ------------------------------------------------------------------------------ projects
-def render_project(dst: Path, ref: str, scratch: Path) -> Path:
+def render_project(
+    dst: Path, ref: str, scratch: Path, answers: dict[str, bool] | None = None
+) -> Path:
     """`copier copy` at a git ref (HEAD: the working tree), then `uv sync` with bytecode compiled,
     as both deployments install it (Dockerfile and deploy guide)."""
     env = hermetic_env(scratch)
     shutil.rmtree(dst, ignore_errors=True)
     cmd = [str(COPIER), "copy", "--trust", "--defaults", "--quiet", "--vcs-ref", ref]
-    for key, value in ANSWERS.items():
+    for key, value in (ANSWERS if answers is None else answers).items():
         cmd += ["-d", f"{key}={str(value).lower()}"]
     subprocess.run([*cmd, str(ROOT), str(dst)], env=env, check=True, capture_output=True)
     version = (dst / ".python-version").read_text().strip()

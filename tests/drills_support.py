@@ -42,9 +42,15 @@ import time
 from pathlib import Path
 
 import httpx
+import sentry_sdk
 from fastapi import FastAPI, Request
+from sqlalchemy import text
 
 from my_service.main import create_app
+
+# Which process imports the application: the gunicorn master once (preload_app), not each worker.
+with Path(os.environ["DRILL_DIR"], "imported-by").open("a") as marker:
+    marker.write(f"{os.getpid()} {os.getppid()}\\n")
 
 
 def create() -> FastAPI:
@@ -75,6 +81,18 @@ def create() -> FastAPI:
             "ready_status": ready.status_code,
             "ready_body": ready.json(),
         }
+
+    @app.get("/api/v1/drill/whoami")
+    async def whoami(request: Request) -> dict[str, object]:
+        """The worker that answers: its pid, the PostgreSQL backend and the Redis client id of
+        the connections it uses, and a Sentry event sent through its own client (flushed: by
+        its own transport thread)."""
+        async with request.app.state.engine.connect() as connection:
+            backend = (await connection.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        redis_client = await request.app.state.redis.client_id()
+        sentry_sdk.capture_message(f"whoami {os.getpid()}")
+        await asyncio.to_thread(sentry_sdk.flush, 5)
+        return {"pid": os.getpid(), "postgres_backend": backend, "redis_client": redis_client}
 
     return app
 '''

@@ -14,6 +14,7 @@ Tests of one combination share its rendering and virtualenv with the matrix (sam
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import json
 import os
 import re
@@ -618,6 +619,44 @@ def test_hostile_and_malformed_input(request: pytest.FixtureRequest, production:
     assert production.worker_pids() == workers
     assert production.get("/health/ready").status == 200
     report(request, "hostile-input", figures)
+
+
+# --------------------------------------------------------------------------- preloaded workers
+
+
+def test_workers_are_forks_of_the_loaded_application(
+    production: Service, receiver: SentryReceiver, workdir: Path
+) -> None:
+    """preload_app: the application is imported once, by the master, and each worker is a fork
+    of it; yet every worker makes its own connections and Sentry client after the fork: its own
+    PostgreSQL backends and Redis clients, none another worker uses, and its own transport
+    thread, which delivers the worker's event."""
+    master = production.process.pid
+    workers = production.wait_for_workers(int(WORKERS))
+    seen: dict[int, list[dict[str, Any]]] = {}
+    deadline = time.monotonic() + 60
+    while set(seen) != workers and time.monotonic() < deadline:  # until every worker answered
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            for response in pool.map(lambda _: production.get("/api/v1/drill/whoami"), range(8)):
+                assert response.status == 200, response.body
+                body = response.json()
+                seen.setdefault(body["pid"], []).append(body)
+    assert set(seen) == workers, (seen, workers)
+
+    importers = [
+        tuple(map(int, line.split())) for line in (workdir / "imported-by").read_text().splitlines()
+    ]
+    assert [pid for pid, parent in importers if master in (pid, parent)] == [master]
+
+    for key in ("postgres_backend", "redis_client"):
+        used = {pid: {body[key] for body in bodies} for pid, bodies in seen.items()}
+        assert all(used.values()), (key, used)
+        for one, other in itertools.combinations(used.values(), 2):
+            assert not one & other, (key, used)
+    for pid in workers:
+        event = receiver.wait_for_event(lambda e, pid=pid: e.get("message") == f"whoami {pid}")
+        assert event is not None, f"no event from worker {pid}: {receiver.events}"
+    assert not receiver.errors, receiver.errors
 
 
 # --------------------------------------------------------------------------- unhandled errors

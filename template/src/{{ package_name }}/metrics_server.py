@@ -94,15 +94,13 @@ class MasterMetrics:
 
 _master: MasterMetrics | None = None
 _server: Any = None
-_remove_directory = False
 
 
-def start(arbiter: Any, directory: Path, bind: str, remove_directory: bool) -> None:
+def start(arbiter: Any, directory: Path, bind: str) -> None:
     """Serve the metrics of the workers writing to directory on bind (host:port), in a thread;
-    SystemExit naming METRICS_BIND when it cannot listen there. remove_directory: at stop()."""
-    global _master, _server, _remove_directory
+    SystemExit naming METRICS_BIND when it cannot listen there."""
+    global _master, _server
     _master = MasterMetrics(arbiter, directory)
-    _remove_directory = remove_directory
     registry = CollectorRegistry()
     registry.register(_master)
     host, _, port = bind.rpartition(":")
@@ -123,5 +121,3 @@ def stop() -> None:
         _server.server_close()
     if _master is not None:
         _master.close()
-        if _remove_directory:
-            _master.directory.rmdir()
