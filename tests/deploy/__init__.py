@@ -23,6 +23,9 @@ to prove the check can fail:
 - test_live (marked `boot` too): nginx started on loopback ports with the generated site (paths
   and ports rewritten, nothing else) in front of the generated service, booted as the
   Dockerfile/compose.yaml or the systemd unit would boot it.
+- test_backup (marked `boot` too): the guide's backup and restore runbook (pg_dump,
+  pg_restore, the renaming) run on real PostgreSQL, the items read back through the service, for
+  systemd and docker; broken copies (a dump without rows, a restore without --role) fail it.
 
 Shared: the tools, the checks and the parsing in `support`; the renderings (one per combination
 and xdist worker) and throwaway certificates in `conftest`.
