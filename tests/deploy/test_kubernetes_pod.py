@@ -9,8 +9,8 @@ The container (`sandbox`): its command, in the runtime stage of the Dockerfile r
 bubblewrap: the host's root bound read-only, a tmpfs (mode 0777, as kubelet makes an emptyDir)
 on each emptyDir mount and on /dev/shm (the runtime's), a PID namespace in which gunicorn is
 PID 1, and the securityContext's uid and gid with every capability dropped (bubblewrap sets
-no_new_privs). One change, said where it is made: each pod gets a loopback port
-of its own in BIND (the manifest's host part kept), and the probes ask that port. Not
+no_new_privs). One change, said where it is made: each pod gets loopback ports of its
+own in BIND and METRICS_BIND (the manifest's host part kept), and the probes ask BIND's. Not
 reproduced: the RuntimeDefault seccomp profile, CPU and memory limits, the network namespace.
 
 The harness (`Kubelet`, `Balancer`): the startup probe until it passes, within
@@ -853,7 +853,9 @@ class Cluster:
         host, _, bind_port = env["BIND"].rpartition(":")
         probes = container.probes
         assert {p.port for p in probes.values()} == {int(bind_port)}, (probes, env["BIND"])
-        env["BIND"] = f"{host}:{port}"  # the one change: a port of its own
+        env["BIND"] = f"{host}:{port}"  # the one change: ports of its own (pods share
+        metrics_host, _, _ = env["METRICS_BIND"].rpartition(":")  # the host's network here)
+        env["METRICS_BIND"] = f"{metrics_host}:{free_port()}"
         probes = {kind: _with_port(probe, port) for kind, probe in probes.items()}
         extra_probes = [_with_port(probe, port) for probe in extra]
         log = self.logs / f"{name}.log"
