@@ -33,7 +33,13 @@ FEATURE_FILES = {
     "sentry": ["src/{pkg}/sentry.py"],
 }
 DEPLOYMENT_FILES = {
-    "docker": ["Dockerfile", ".dockerignore", "compose.yaml", "deploy/nginx/my-service.conf"],
+    "docker": [
+        "Dockerfile",
+        ".dockerignore",
+        "compose.yaml",
+        "compose.build.yaml",
+        "deploy/nginx/my-service.conf",
+    ],
     "systemd": [
         "deploy/systemd/my-service.service",
         "deploy/systemd/my-service.socket",

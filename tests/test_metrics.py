@@ -110,9 +110,10 @@ def test_totals_exact_across_recycles_and_kills(project: Project, tmp_path: Path
         # Every worker booted after the first two replaced one that exited.
         booted = sum(1 for line in svc.log_lines() if "Booting worker" in str(line.get("event")))
         restarts = samples[("gunicorn_worker_restarts_total", ())]
-        # A recycled worker's replacement takes a second or two to boot, while the other one
-        # serves everything: recycles come about as fast as workers boot.
-        assert restarts == booted - 2 >= 5, (restarts, booted)
+        # The two kills, and at least one recycle (480 requests, 15 per worker's life). How many
+        # more depends on timing (uvicorn checks the limit on its tick, and a replacement boots
+        # while the other worker serves everything): 4 to 9 seen, so only the floor is certain.
+        assert restarts == booted - 2 >= 3, (restarts, booted)
         # Per live worker: a counter, a histogram and two gauge files; and two archives. A
         # worker starting while another is reaped may briefly make it three sets.
         assert most_files <= 3 * 4 + 2, sorted(p.name for p in directory.iterdir())

@@ -190,6 +190,19 @@ def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
     return out
 
 
+def dockerfile_env(dockerfile: str) -> dict[str, str]:
+    """ENV of the last stage."""
+    instructions = dockerfile_instructions(dockerfile)
+    last_from = max(i for i, (ins, _) in enumerate(instructions) if ins == "FROM")
+    env: dict[str, str] = {}
+    for ins, args in instructions[last_from:]:
+        if ins == "ENV":
+            for pair in shlex.split(args):
+                key, _, value = pair.partition("=")
+                env[key] = value
+    return env
+
+
 def healthcheck_command(dockerfile: str) -> list[str]:
     (args,) = [a for i, a in dockerfile_instructions(dockerfile) if i == "HEALTHCHECK"]
     match = re.search(r"\bCMD (\[.*\])$", args)

@@ -1,18 +1,19 @@
 """compose.yaml: `docker-compose config` and the compose-spec schema accept it with .env copied
-from .env.example; its services follow the answers."""
+from .env.example (and the release set); its services follow the answers, and run the image CI
+pushes."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
-import shutil
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from ..helpers import ALL_ENABLED, Combo, free_port, run, started
 from .support import (
@@ -35,10 +36,18 @@ def compose_config(project: Path) -> dict[str, Any]:
     return dict(json.loads(proc.stdout))
 
 
+# The release a server sets in .env before its first start (deploy/README.md, "Start"):
+# .env.example leaves APP_TAG empty, so that no compose command runs an image nobody chose.
+RELEASE = "sha-" + "0123456789abcdef" * 2 + "01234567"
+
+
 def with_example_env(project: Generated, dst: Path) -> Generated:
-    """A copy whose .env is .env.example as is: what compose sees before any secret is set."""
+    """A copy whose .env is .env.example with the release set, as the guide sets it, and nothing
+    else: what compose sees before any secret is set."""
     copy = project.copy(dst)
-    shutil.copyfile(copy.path / ".env.example", copy.path / ".env")
+    example = (copy.path / ".env.example").read_text()
+    assert re.search(r"(?m)^APP_TAG=$", example), "APP_TAG is no longer empty in .env.example"
+    (copy.path / ".env").write_text(re.sub(r"(?m)^APP_TAG=$", f"APP_TAG={RELEASE}", example))
     return copy
 
 
@@ -70,6 +79,41 @@ def check_redis_memory_bound(command: list[str], directory: Path) -> None:
     assert policy[1].startswith("allkeys-"), policy  # a cache: evicts, never refuses a write
 
 
+def check_release_image(project: Generated, services: dict[str, Any]) -> None:
+    """Issue 16: the app (and migrate) run the image CI pushes, at the tag .env names, and no
+    service builds one: a server pulls its release. compose.build.yaml alone builds it, under
+    the same name, for development."""
+    env = parse_env_file(project.read(".env"))
+    meta = next(
+        step["with"]
+        for step in yaml.safe_load(project.read(".github/workflows/ci.yml"))["jobs"]["image"][
+            "steps"
+        ]
+        if step.get("uses", "").startswith("docker/metadata-action")
+    )
+    pushed = meta["images"].replace("${{ github.repository_owner }}", "OWNER")
+    assert env["APP_IMAGE"] == pushed, f"compose runs {env['APP_IMAGE']}, CI pushes {pushed}"
+    assert "type=sha,format=long" in meta["tags"]  # sha-<full commit hash>: RELEASE's form
+    runs = [name for name in ("app", "migrate") if name in services]
+    for name in runs:
+        assert services[name]["image"] == f"{pushed}:{RELEASE}", services[name]["image"]
+    built = [name for name, service in services.items() if "build" in service]
+    assert not built, f"compose.yaml builds {built}: a server must pull its release"
+
+    files = ["-f", "compose.yaml", "-f", "compose.build.yaml"]
+    proc = check(
+        [tool("docker-compose"), *files, "config", "--format", "json"],
+        cwd=project.path,
+        quiet=False,
+    )
+    development = json.loads(proc.stdout)["services"]
+    for name in runs:
+        assert development[name]["build"]["context"] == str(project.path), name
+        assert development[name]["image"] == f"{pushed}:{RELEASE}"
+    others = [name for name in development if name not in runs]
+    assert not [name for name in others if "build" in development[name]], "builds too much"
+
+
 @pytest.mark.parametrize("combo", params(DOCKER))
 def test_compose(generated: Callable[[Combo], Generated], combo: Combo, tmp_path: Path) -> None:
     """`docker compose config` and the compose-spec schema accept compose.yaml, with .env copied
@@ -87,7 +131,7 @@ def test_compose(generated: Callable[[Combo], Generated], combo: Combo, tmp_path
 
     app = services["app"]
     assert app["restart"] == "unless-stopped"
-    assert app["build"]["context"] == str(project.path)
+    check_release_image(project, services)
     assert app["healthcheck"]["test"][0] == "CMD"
     assert "ports" not in app, "the app is reached through nginx only"
     # env_file: the application's settings (its secrets included) come from .env.
@@ -108,7 +152,6 @@ def test_compose(generated: Callable[[Combo], Generated], combo: Combo, tmp_path
             assert services[name]["volumes"][0]["type"] == "volume"
     if combo.postgres:
         assert services["migrate"]["command"] == ["alembic", "upgrade", "head"]
-        assert services["migrate"]["image"] == app["image"]
         assert services["migrate"]["depends_on"]["db"]["condition"] == "service_healthy"
         # Interpolated from .env: the same password the application's DATABASE_URL carries.
         password = services["db"]["environment"]["POSTGRES_PASSWORD"]
@@ -173,6 +216,21 @@ def test_compose_checks_fail_on_broken_copies(
     compose.write_text(text.replace("    restart: unless-stopped", "    restart_policy: always", 1))
     with pytest.raises(AssertionError, match="restart_policy"):
         check_compose_schema(compose)
+
+    # No release in .env (as .env.example has it): no compose command runs.
+    compose.write_text(text)
+    env = project.path / ".env"
+    released = env.read_text()
+    env.write_text(re.sub(r"(?m)^APP_TAG=.*$", "APP_TAG=", released))
+    with pytest.raises(AssertionError, match=r"set APP_TAG in \.env"):
+        check_compose(project.path)
+    env.write_text(released)
+
+    # compose.yaml building the image again: the server would run what is checked out.
+    compose.write_text(text.replace("x-app: &app\n", "x-app: &app\n  build: .\n"))
+    assert compose.read_text() != text
+    with pytest.raises(AssertionError, match="builds"):
+        check_release_image(project, compose_config(project.path)["services"])
 
     # The database password missing from .env: compose refuses to start without it.
     compose.write_text(text)

@@ -73,7 +73,7 @@ def test_deploy_guide(
         assert f"-v {webroot}:/usr/share/nginx/html:ro" in script
         assert f"cd /srv/{slug}\ncp .env.example .env" in script
         assert f"-f /srv/{slug}/compose.yaml exec -T nginx nginx -s reload" in script
-        assert "docker compose up -d --build" in script
+        check_docker_releases(script, project, tmp_path)
         return
 
     # Issue 16: package lists refreshed before installing from them.
@@ -148,6 +148,38 @@ def test_deploy_guide(
             str(sandbox_root / "error.log"),
         ]
     )
+
+
+def check_docker_releases(script: str, project: Generated, tmp_path: Path) -> None:
+    """Issue 16: the server pulls the release CI pushed, by its sha tag, and never builds: the
+    first start and every update set APP_TAG to the commit checked out, then pull, then start;
+    a rollback sets the previous tag. The guide's own sed lines, run on .env.example, leave the
+    tag compose interpolates."""
+    assert "--build" not in script and "docker compose build" not in script
+    assert "APP_TAG=latest" not in script
+    lines = script.splitlines()
+    sets = [i for i, line in enumerate(lines) if "s|^APP_TAG=.*|APP_TAG=sha-" in line]
+    assert len(sets) == 3, "first start, update and rollback each set the tag"
+    for i in sets:
+        following = lines[i + 1 : i + 6]
+        assert any(line.startswith("docker compose pull") for line in following), following
+        ups = [n for n, line in enumerate(following) if line.startswith("docker compose up -d")]
+        pulls = [n for n, line in enumerate(following) if line.startswith("docker compose pull")]
+        assert ups and pulls and pulls[0] < ups[0], following
+    repo = tmp_path / "checkout"
+    repo.mkdir()
+    run(["git", "init", "-q"], cwd=repo)
+    run(["git", "commit", "-q", "--allow-empty", "-m", "release"], cwd=repo)
+    head = run(["git", "rev-parse", "HEAD"], cwd=repo).stdout.strip()
+    for i, expected in ((sets[0], f"sha-{head}"), (sets[2], "sha-PREVIOUS-COMMIT")):
+        (repo / ".env").write_text(project.read(".env.example"))
+        run(["bash", "-euc", lines[i]], cwd=repo)
+        assert parse_env_file((repo / ".env").read_text())["APP_TAG"] == expected
+    if project.combo.postgres:
+        # The previous release's migrate step would fail on the newer schema: not run.
+        rollback = "\n".join(lines[sets[2] : sets[2] + 6])
+        assert "docker compose up -d --no-deps app" in rollback, rollback
+        assert "exec -T nginx nginx -s reload" in rollback
 
 
 def guide_script(project: Generated) -> str:

@@ -45,6 +45,7 @@ from .support import (
     Generated,
     NginxSandbox,
     connects,
+    dockerfile_env,
     dockerfile_instructions,
     healthcheck_command,
     nginx_sandbox,
@@ -57,19 +58,6 @@ from .support import (
 )
 
 pytestmark = pytest.mark.deploy
-
-
-def dockerfile_env(dockerfile: str) -> dict[str, str]:
-    """ENV of the last stage."""
-    instructions = dockerfile_instructions(dockerfile)
-    last_from = max(i for i, (ins, _) in enumerate(instructions) if ins == "FROM")
-    env: dict[str, str] = {}
-    for ins, args in instructions[last_from:]:
-        if ins == "ENV":
-            for pair in shlex.split(args):
-                key, _, value = pair.partition("=")
-                env[key] = value
-    return env
 
 
 def uv_sync(project: Generated) -> Path:

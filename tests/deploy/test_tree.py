@@ -27,7 +27,8 @@ DEPLOYMENT_WORDS = {
 
 
 def artifacts(project: Generated) -> list[Path]:
-    paths = [project.path / p for p in ("Dockerfile", ".dockerignore", "compose.yaml")]
+    names = ("Dockerfile", ".dockerignore", "compose.yaml", "compose.build.yaml")
+    paths = [project.path / p for p in names]
     paths += sorted((project.path / "deploy").rglob("*")) + sorted(
         (project.path / ".github").rglob("*")
     )
@@ -46,6 +47,7 @@ def test_artifacts_follow_the_answers(
     for name in ("Dockerfile", ".dockerignore"):
         assert (project.path / name).exists() == (docker or kubernetes), name
     assert (project.path / "compose.yaml").exists() == docker
+    assert (project.path / "compose.build.yaml").exists() == docker
     assert (project.path / "deploy" / "systemd").exists() == systemd
     assert project.unit.exists() == systemd
     assert project.nginx_conf.exists() == (not kubernetes)
