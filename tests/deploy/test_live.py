@@ -603,17 +603,12 @@ def test_nginx_in_front_of_the_unit(
                 assert booted() == 2 * before, "HUP did not replace the workers"
                 assert old_workers, "no workers before the reload"
                 assert not old_workers & children_of(service.process.pid), "old workers left"
-                # Known race, seen under CPU load: a stopping worker closes, unread, a
-                # connection nginx has just sent a request on. The site lists its upstream
-                # twice so that nginx retries on a new connection; should the retry meet
-                # the race too, nginx answers 502. At most one request of the reload may;
-                # anything more is a reload that is not graceful.
+                # Not one request lost: a stopping worker answers what was sent to it before it
+                # closes a connection (protocol.py), and nginx retries an idempotent request on
+                # a new connection when a kept-alive one closes under it.
                 failed = [status for status in statuses if status != 200]
                 sys.stderr.write(f"HUP reload: {len(statuses)} requests, failed {failed}\n")
-                assert len(failed) <= 1 and set(failed) <= {502}, (
-                    statuses,
-                    sandbox.error_log.read_text()[-3000:],
-                )
+                assert not failed, (statuses, sandbox.error_log.read_text()[-3000:])
                 for _ in range(20):
                     answer = client.get(
                         "/health/live",
@@ -655,7 +650,7 @@ def test_nginx_in_front_of_the_unit(
                     figures[step]["requests"] = load.sent - sent_before
             figures["requests"], figures["failed"] = load.sent, len(failures)
             report(request, "systemd-restart", figures)
-            assert not failures, (figures, failures[:10])
+            assert not failures, (figures, failures[:10], sandbox.error_log.read_text()[-3000:])
             assert versions[-1] == "2.0.0" and versions[0] != "2.0.0", versions
 
         assert_real_ip_from_a_trusted_balancer(
