@@ -38,7 +38,9 @@ class Combo:
     @property
     def id(self) -> str:
         parts = [self.deployment]
-        parts += [name for name in ("postgres", "redis", "sentry", "tracing") if getattr(self, name)]
+        parts += [
+            name for name in ("postgres", "redis", "sentry", "tracing") if getattr(self, name)
+        ]
         parts += [f"py{self.python_version}", f"w{self.workers}"]
         return "-".join(parts)
 
@@ -68,8 +70,8 @@ def _matrix() -> list[Combo]:
             for redis in (False, True):
                 for sentry in (False, True):
                     # tracing rotated rather than doubling the matrix: on where the features
-                    # plus the deployment's position are odd, so each feature meets tracing on
-                    # and off and tracing runs alone too; always on with every feature (ALL_ENABLED).
+                    # plus the deployment's position are odd, so each feature meets tracing
+                    # on and off and tracing runs alone too; on with every feature (ALL_ENABLED).
                     everything = postgres and redis and sentry
                     tracing = everything or (postgres + redis + sentry + position) % 2 == 1
                     combos.append(
@@ -90,7 +92,9 @@ def _matrix() -> list[Combo]:
 COMBOS: list[Combo] = _matrix()
 COMBO_IDS = [c.id for c in COMBOS]
 ALL_ENABLED = {
-    d: next(c for c in COMBOS if c.deployment == d and c.postgres and c.redis and c.sentry and c.tracing)
+    d: next(
+        c for c in COMBOS if c.deployment == d and c.postgres and c.redis and c.sentry and c.tracing
+    )
     for d in DEPLOYMENTS
 }
 
