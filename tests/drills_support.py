@@ -344,3 +344,137 @@ def sentry_receiver() -> Iterator[SentryReceiver]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+# --------------------------------------------------------------------------- OpenTelemetry
+
+
+@dataclass
+class OtlpReceiver:
+    """An OTLP/HTTP trace endpoint on loopback (POST /v1/traces, protobuf, plain or gzip) that
+    decodes every span it receives with opentelemetry-proto. It can freeze (accept a request,
+    read it, and never answer, as a collector stuck in GC or behind a dead proxy does) and go
+    down (its port closed: connections refused)."""
+
+    port: int = 0
+    spans: list[dict[str, Any]] = field(default_factory=list)
+    requests: int = 0
+    errors: list[str] = field(default_factory=list)
+    frozen: threading.Event = field(default_factory=threading.Event)
+    released: threading.Event = field(default_factory=threading.Event)
+    stop: Any = None  # closes the port (set by otlp_receiver)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_for_spans(self, predicate: Any, count: int = 1, timeout: float = 15) -> list[Any]:
+        """The spans that satisfy predicate, once there are at least count of them (else what
+        there is when the time runs out)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [span for span in list(self.spans) if predicate(span)]
+            if len(found) >= count or time.monotonic() > deadline:
+                return found
+            time.sleep(0.05)
+
+
+def _any_value(value: Any) -> Any:
+    kind = value.WhichOneof("value")
+    return getattr(value, kind) if kind else None
+
+
+def decode_traces(body: bytes) -> list[dict[str, Any]]:
+    """The spans of an ExportTraceServiceRequest, each as a dict with its resource's
+    attributes: ids in W3C hex, as the service writes them in its log lines."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    request = ExportTraceServiceRequest.FromString(body)
+    spans = []
+    for resource_spans in request.resource_spans:
+        resource = {a.key: _any_value(a.value) for a in resource_spans.resource.attributes}
+        for scope_spans in resource_spans.scope_spans:
+            for span in scope_spans.spans:
+                spans.append(
+                    {
+                        "trace_id": span.trace_id.hex(),
+                        "span_id": span.span_id.hex(),
+                        "parent_span_id": span.parent_span_id.hex(),
+                        "name": span.name,
+                        "kind": span.kind,
+                        "scope": scope_spans.scope.name,
+                        "attributes": {a.key: _any_value(a.value) for a in span.attributes},
+                        "status": span.status.code,
+                        "resource": resource,
+                    }
+                )
+    return spans
+
+
+@contextlib.contextmanager
+def otlp_receiver() -> Iterator[OtlpReceiver]:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceResponse,
+    )
+
+    receiver = OtlpReceiver()
+    answer = ExportTraceServiceResponse().SerializeToString()
+    connections: set[socket.socket] = set()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as the exporter's session uses it
+
+        def setup(self) -> None:
+            super().setup()
+            connections.add(self.connection)
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            receiver.requests += 1
+            if receiver.frozen.is_set():
+                receiver.released.wait()  # never answers; the connection closes at the end
+                self.close_connection = True
+                return
+            try:
+                if self.path != "/v1/traces":
+                    raise ValueError(f"unexpected path {self.path}")
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                receiver.spans.extend(decode_traces(body))
+            except Exception as exc:  # recorded: the test fails on it with the reason
+                receiver.errors.append(repr(exc))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+    server.daemon_threads = True
+    receiver.port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    closed = False
+
+    def stop() -> None:
+        nonlocal closed
+        if not closed:
+            closed = True
+            receiver.released.set()
+            server.shutdown()
+            server.server_close()
+            for connection in list(connections):  # kept-alive ones too: down is down
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
+            thread.join(timeout=5)
+
+    receiver.stop = stop
+    try:
+        yield receiver
+    finally:
+        stop()

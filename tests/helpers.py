@@ -31,13 +31,16 @@ class Combo:
     postgres: bool
     redis: bool
     sentry: bool
+    tracing: bool
     python_version: str
     workers: int
 
     @property
     def id(self) -> str:
         parts = [self.deployment]
-        parts += [name for name in ("postgres", "redis", "sentry") if getattr(self, name)]
+        parts += [
+            name for name in ("postgres", "redis", "sentry", "tracing") if getattr(self, name)
+        ]
         parts += [f"py{self.python_version}", f"w{self.workers}"]
         return "-".join(parts)
 
@@ -48,6 +51,7 @@ class Combo:
             "postgres": self.postgres,
             "redis": self.redis,
             "sentry": self.sentry,
+            "tracing": self.tracing,
             "python_version": self.python_version,
             "workers": self.workers,
         }
@@ -61,16 +65,22 @@ def _matrix() -> list[Combo]:
     workers = (0, 1, 2, 3)
     combos = []
     index = 0
-    for deployment in DEPLOYMENTS:
+    for position, deployment in enumerate(DEPLOYMENTS):
         for postgres in (False, True):
             for redis in (False, True):
                 for sentry in (False, True):
+                    # tracing rotated rather than doubling the matrix: on where the features
+                    # plus the deployment's position are odd, so each feature meets tracing
+                    # on and off and tracing runs alone too; on with every feature (ALL_ENABLED).
+                    everything = postgres and redis and sentry
+                    tracing = everything or (postgres + redis + sentry + position) % 2 == 1
                     combos.append(
                         Combo(
                             deployment,
                             postgres,
                             redis,
                             sentry,
+                            tracing,
                             versions[index % len(versions)],
                             workers[index % len(workers)],
                         )
@@ -82,7 +92,9 @@ def _matrix() -> list[Combo]:
 COMBOS: list[Combo] = _matrix()
 COMBO_IDS = [c.id for c in COMBOS]
 ALL_ENABLED = {
-    d: next(c for c in COMBOS if c.deployment == d and c.postgres and c.redis and c.sentry)
+    d: next(
+        c for c in COMBOS if c.deployment == d and c.postgres and c.redis and c.sentry and c.tracing
+    )
     for d in DEPLOYMENTS
 }
 

@@ -32,6 +32,7 @@ ANSWERS = {
     "postgres": True,
     "redis": True,
     "sentry": True,
+    "tracing": True,
 }
 
 

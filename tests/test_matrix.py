@@ -26,11 +26,13 @@ FEATURE_WORDS = {
     "postgres": re.compile(r"postgres|sqlalchemy|alembic|asyncpg|database_url", re.IGNORECASE),
     "redis": re.compile(r"redis", re.IGNORECASE),
     "sentry": re.compile(r"sentry", re.IGNORECASE),
+    "tracing": re.compile(r"opentelemetry|otel|tracing|trace_id|traceparent", re.IGNORECASE),
 }
 FEATURE_FILES = {
     "postgres": ["alembic.ini", "migrations/env.py", "src/{pkg}/db.py", "src/{pkg}/models.py"],
     "redis": ["src/{pkg}/cache.py"],
     "sentry": ["src/{pkg}/sentry.py"],
+    "tracing": ["src/{pkg}/tracing.py", "tests/test_tracing.py"],
 }
 DEPLOYMENT_FILES = {
     "docker": [

@@ -1,0 +1,175 @@
+"""In-process cost of tracing per request, run by a generated project's Python (tracing on).
+
+`python tracing_layers.py PATH` prints JSON: CPU microseconds per request through the ASGI app
+(no server, no network), as bench/layers.py measures, for the generated app with tracing off
+(no endpoint: no tracer), with the service's own server span (middleware.py + tracing.py), with
+opentelemetry-instrumentation-asgi's OpenTelemetryMiddleware (the stock instrumentation, around
+the app with the service's own span off), and with FastAPI's native telemetry (the service
+turns it off; here on, its own span alone) - each unsampled (a `traceparent` with the sampled
+flag off, parent-based sampler) and sampled (flag on). The sampled spans go to a
+BatchSpanProcessor whose exporter drops them: the request's share. The export's own share (the
+OTLP encoding in the export thread) is measured apart, per span. Variants interleaved in many
+short batches; the 10th percentile of the batches is reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SimpleSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+BATCHES = 40
+PER_BATCH = 200
+TRACE = "0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331"
+
+
+class _Dropped(SpanExporter):
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return SpanExportResult.SUCCESS
+
+
+def _with_tracer(app: Any, module: Any, tracer: Any) -> Any:
+    """app, with tracing.tracer set to tracer while it handles a request (one at a time)."""
+
+    async def swapped(scope: Any, receive: Any, send: Any) -> None:
+        saved = module.tracer
+        module.tracer = tracer
+        try:
+            await app(scope, receive, send)
+        finally:
+            module.tracer = saved
+
+    return swapped
+
+
+async def _measure(variants: dict[str, tuple[Any, bool]], path: str) -> dict[str, float]:
+    def scope(sampled: bool) -> dict[str, Any]:
+        flags = b"01" if sampled else b"00"
+        return {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": "1.1",
+            "server": ("127.0.0.1", 8000),
+            "client": ("127.0.0.1", 50000),
+            "scheme": "http",
+            "method": "GET",
+            "root_path": "",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "headers": [
+                (b"host", b"127.0.0.1:8000"),
+                (b"user-agent", b"bench"),
+                (b"accept", b"*/*"),
+                (b"traceparent", b"00-" + TRACE.encode() + b"-" + flags),
+            ],
+        }
+
+    statuses: dict[str, int] = {}
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    def sender(name: str) -> Any:
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                statuses[name] = message["status"]
+
+        return send
+
+    scopes = {name: scope(sampled) for name, (_, sampled) in variants.items()}
+
+    async def one(name: str, app: Any, send: Any) -> None:
+        base = scopes[name]
+        await app(dict(base, headers=list(base["headers"])), receive, send)
+
+    sends = {name: sender(name) for name in variants}
+    for name, (app, _) in variants.items():
+        for _ in range(50):
+            await asyncio.create_task(one(name, app, sends[name]))
+    bad = {name: status for name, status in statuses.items() if status != 200}
+    if bad:
+        raise SystemExit(f"{path}: not 200: {bad}")
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(BATCHES):
+        for name, (app, _) in variants.items():
+            start = time.thread_time()
+            for _ in range(PER_BATCH):
+                await asyncio.create_task(one(name, app, sends[name]))
+            samples[name].append((time.thread_time() - start) / PER_BATCH * 1e6)
+    return {name: sorted(values)[len(values) // 10] for name, values in samples.items()}
+
+
+def _encode_cost(app_spans: list[ReadableSpan]) -> float:
+    """CPU microseconds per span of the OTLP/protobuf encoding the exporter does per batch."""
+    batch = (app_spans * (512 // max(len(app_spans), 1) + 1))[:512]
+    runs = []
+    for _ in range(20):
+        start = time.thread_time()
+        encode_spans(batch).SerializePartialToString()
+        runs.append((time.thread_time() - start) / len(batch) * 1e6)
+    return sorted(runs)[len(runs) // 10]
+
+
+def main() -> None:
+    paths = sys.argv[1:]
+    from my_service import tracing
+    from my_service.main import create_app
+
+    sampled_provider = TracerProvider()  # parent-based, always on: the SDK's default
+    sampled_provider.add_span_processor(BatchSpanProcessor(_Dropped()))
+    unsampled_provider = TracerProvider()
+    ours = {
+        True: sampled_provider.get_tracer("bench"),
+        False: unsampled_provider.get_tracer("bench"),
+    }
+    provider_of = {True: sampled_provider, False: unsampled_provider}
+
+    variants: dict[str, tuple[Any, bool]] = {}
+    for sampled in (False, True):
+        label = "sampled" if sampled else "unsampled"
+        app = create_app()
+        variants[f"tracing off, {label} header"] = (_with_tracer(app, tracing, None), sampled)
+        app = create_app()
+        variants[f"ours, {label}"] = (_with_tracer(app, tracing, ours[sampled]), sampled)
+        app = create_app()
+        stock = OpenTelemetryMiddleware(app, tracer_provider=provider_of[sampled])
+        variants[f"stock asgi, {label}"] = (_with_tracer(stock, tracing, None), sampled)
+        app = create_app()
+        app._telemetry.update(tracing=True, tracer_provider=provider_of[sampled])  # type: ignore[attr-defined]
+        variants[f"FastAPI native, {label}"] = (_with_tracer(app, tracing, None), sampled)
+
+    try:
+        import uvloop
+
+        run: Any = uvloop.run
+    except ImportError:
+        run = asyncio.run
+    results = {path: run(_measure(variants, path)) for path in paths}
+
+    # What one sampled request of ours exports, encoded as the OTLP exporter does.
+    memory = InMemorySpanExporter()
+    kept = TracerProvider()
+    kept.add_span_processor(SimpleSpanProcessor(memory))
+    app = create_app()
+    run(_measure({"kept": (_with_tracer(app, tracing, kept.get_tracer("bench")), True)}, paths[0]))
+    spans = list(memory.get_finished_spans())[-10:]
+    print(json.dumps({"results": results, "encode_us_per_span": _encode_cost(spans)}))
+
+
+if __name__ == "__main__":
+    main()
