@@ -85,7 +85,7 @@ def dst(tmp_path: Path) -> Path:
 
 # ---------------------------------------------------------------- time per tier
 
-TIERS = ("generate", "lint", "project", "boot", "deploy", "update", "drills")
+TIERS = ("generate", "lint", "project", "boot", "deploy", "update", "drills", "containers")
 _tier_seconds = dict.fromkeys(TIERS, 0.0)
 
 

@@ -98,29 +98,43 @@ class Podman:
         }
 
     def __call__(
-        self, *args: str, timeout: float = 120, check: bool = True
+        self,
+        *args: str,
+        timeout: float = 120,
+        check: bool = True,
+        env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        return _run([_which("podman"), *args], self.env, timeout, check)
+        return _run([_which("podman"), *args], {**self.env, **(env or {})}, timeout, check)
 
     def build(
-        self, context: Path, tag: str, *args: str, timeout: float = 1200
+        self,
+        context: Path,
+        tag: str,
+        *args: str,
+        timeout: float = 1200,
+        env: dict[str, str] | None = None,
     ) -> tuple[str, float]:
         """`podman build` of context's Containerfile or Dockerfile with the host's network (uv
         reaches PyPI), never pulling (every base image is a local stand-in); returns the build's
         output and its wall time in seconds."""
+        cmd = [_which("podman"), "build", "--pull=never", "--network=host", "--layers"]
+        cmd += ["-t", tag, *args, str(context)]
         started = time.monotonic()
-        proc = self(
-            "build",
-            "--pull=never",
-            "--network=host",
-            "--layers",
-            "-t",
-            tag,
-            *args,
-            str(context),
+        # One stream: the steps and their "Using cache" lines are read in order.
+        proc = subprocess.run(
+            cmd,
+            env={**self.env, **(env or {})},
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             timeout=timeout,
         )
-        return proc.stdout + proc.stderr, time.monotonic() - started
+        seconds = time.monotonic() - started
+        if proc.returncode != 0:
+            raise AssertionError(
+                f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-8000:]}"
+            )
+        return proc.stdout, seconds
 
     def exists(self, image: str) -> bool:
         return self("image", "exists", image, check=False).returncode == 0
@@ -182,6 +196,10 @@ class Docker:
                     f"{self.log.read_text()[-6000:]}"
                 )
             time.sleep(0.2)
+        # With no docker0, `docker run` containers join this network (compose makes its own).
+        self("network", "create", self.network)
+
+    network = "copier-fastapi"
 
     def stop(self) -> None:
         if self.process is None:
@@ -190,6 +208,8 @@ class Docker:
             running = self("ps", "-aq", check=False, timeout=30).stdout.split()
             if running:
                 self("rm", "-f", *running, check=False, timeout=120)
+            # A network's bridge outlives the daemon that made it.
+            self("network", "prune", "--force", check=False, timeout=60)
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
