@@ -218,6 +218,10 @@ class Docker:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
 
+    def command(self) -> list[str]:
+        """The docker CLI, to run with self.env (e.g. a client left running in the background)."""
+        return [_which("docker")]
+
     def __call__(
         self, *args: str, timeout: float = 120, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
@@ -241,7 +245,7 @@ class Docker:
         """Images built by podman, into this daemon (Debian's Docker has no builder of its own
         that takes these Dockerfiles: no buildx)."""
         save = subprocess.Popen(
-            [_which("podman"), "save", "--format=docker-archive", *images],
+            [_which("podman"), "save", "--format=docker-archive", "--multi-image-archive", *images],
             env=podman.env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
