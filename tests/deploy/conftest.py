@@ -73,9 +73,12 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Pa
 
 
 @pytest.fixture(scope="session")
-def podman() -> Podman:
-    """podman with the suite's configuration and image store (the `containers` tier)."""
-    return Podman.create()
+def podman() -> Iterator[Podman]:
+    """podman with the suite's configuration and image store (the `containers` tier). At the
+    end, the layers of this session's builds go (every run builds anew; the stand-ins stay)."""
+    engine = Podman.create()
+    yield engine
+    engine("image", "prune", "--force", check=False, timeout=300)
 
 
 @pytest.fixture(scope="session")
