@@ -98,7 +98,8 @@ def run(scratch: Path, runs: int) -> dict[str, Any]:
         # Rotate the order each run, so no combination always follows the same one.
         order: list[Combo] = COMBOS[r * 5 % len(COMBOS) :] + COMBOS[: r * 5 % len(COMBOS)]
         log(
-            f"generation run {r + 1}/{runs}: copier --version, a one-file template, 16 combinations"
+            f"generation run {r + 1}/{runs}: copier --version, a one-file template, "
+            f"{len(COMBOS)} combinations"
         )
         for i, combo in enumerate(order):
             if i % 4 == 0:  # start-up and the floor, interleaved with the copies

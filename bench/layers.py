@@ -2,17 +2,22 @@
 
 `python layers.py BARE_DIR PATH...` prints JSON: CPU microseconds per request through the ASGI
 app (no server, no network) for the bare app, the generated app without its own middleware,
-then with each middleware added in turn (outermost first, as a request meets them), and the
-whole app without its access line. Each request runs in its own task, as under uvicorn. The
-variants are interleaved in many short batches; the 10th percentile of the batches is reported,
-the batch least disturbed by other processes on the machine.
+then with each middleware added in turn (outermost first, as a request meets them), the whole
+app without its access line, and the whole app with and without its metrics' two steps (written
+to files, as under gunicorn). Each request runs in its own task, as under uvicorn. The variants
+are interleaved in many short batches; the 10th percentile of the batches is reported, the
+batch least disturbed by other processes on the machine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
+import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -23,6 +28,33 @@ PER_BATCH = 200
 class _Silent:
     def info(self, *args: Any, **kwargs: Any) -> None:
         pass
+
+
+class _NotCounting:
+    def started(self) -> None:
+        pass
+
+    def finished(self) -> None:
+        pass
+
+
+def _none(*args: Any) -> None:
+    pass
+
+
+def _swapping(app: Any, module: Any, steps: tuple[Any, Any]) -> Any:
+    """app, with the middleware module's IN_FLIGHT and record_request set to steps while it
+    handles a request (requests run one at a time here)."""
+
+    async def swapped(scope: Any, receive: Any, send: Any) -> None:
+        saved = module.IN_FLIGHT, module.record_request
+        module.IN_FLIGHT, module.record_request = steps
+        try:
+            await app(scope, receive, send)
+        finally:
+            module.IN_FLIGHT, module.record_request = saved
+
+    return swapped
 
 
 async def _measure(apps: dict[str, Any], path: str) -> dict[str, float]:
@@ -75,7 +107,13 @@ async def _measure(apps: dict[str, Any], path: str) -> dict[str, float]:
 def main() -> None:
     bare_dir, paths = sys.argv[1], sys.argv[2:]
     sys.path.insert(0, bare_dir)
+    # The metrics as under gunicorn: each worker's values in files of its own (multiprocess
+    # mode, chosen when prometheus_client is imported).
+    directory = tempfile.mkdtemp(prefix="bench-metrics-", dir="/dev/shm")  # removed at exit
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     from app import app as bare  # the bare app
+    from my_service import middleware
     from my_service.main import create_app
 
     def generated(keep: int | None, silent: bool = False) -> Any:
@@ -103,6 +141,13 @@ def main() -> None:
     for i, name in enumerate(names, start=1):
         apps[f"+ {name}"] = generated(i)
     apps["all, without the access line"] = generated(None, silent=True)
+    # The metrics' two steps in the middleware, kept or replaced by no-ops around each request
+    # (the same wrapper for both, so that its own cost cancels out).
+    real = (middleware.IN_FLIGHT, middleware.record_request)
+    apps["all, metrics swapped in"] = _swapping(generated(None), middleware, real)
+    apps["all, without the metrics"] = _swapping(
+        generated(None), middleware, (_NotCounting(), _none)
+    )
     try:
         import uvloop  # what uvicorn runs on when it is installed (uvicorn[standard])
 

@@ -223,13 +223,16 @@ def _serve(serve: dict[str, Any]) -> list[str]:
             "|---|" + "---:|" * len(paths),
         ]
         variants = list(data["results"][paths[0]])
+        whole = [v for v in variants if not v.startswith("all,")][-1]
         for i, variant in enumerate(variants):
             cells = []
             for p in paths:
                 value = data["results"][p][variant]
                 ref = data["results"][p][variants[i - 1]] if i > 0 else None
-                if variant.startswith("all,"):  # compared with the whole stack
-                    ref = data["results"][p][variants[i - 1]]
+                if variant == "all, without the access line":  # compared with the whole stack
+                    ref = data["results"][p][whole]
+                elif variant == "all, without the metrics":  # with the same wrapper
+                    ref = data["results"][p]["all, metrics swapped in"]
                 step = f", {value - ref:+.0f}" if ref is not None and i > 0 else ""
                 cells.append(f"{value:.0f} us{step}")
             lines.append(f"| {variant} | " + " | ".join(cells) + " |")
@@ -286,9 +289,10 @@ def _layer_breakdown(data: dict[str, Any], path: str) -> list[tuple[str, float]]
     values = data["results"][path]
     names = list(values)
     parts = [("bare app", values[names[0]]), ("app structure", values[names[1]] - values[names[0]])]
-    whole = values[names[-2]]
-    access_line = whole - values[names[-1]]
-    for previous, name in itertools.pairwise(names[1:-1]):
+    stack = [name for name in names if not name.startswith("all,")]
+    whole = values[stack[-1]]
+    access_line = whole - values["all, without the access line"]
+    for previous, name in itertools.pairwise(stack[1:]):
         step = values[name] - values[previous]
         label = name.removeprefix("+ ").replace("Middleware", "")
         if name.startswith("+ RequestContext"):

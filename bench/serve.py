@@ -173,6 +173,8 @@ def server(
     port = free_port()
     cmd, cwd = gunicorn_cmd(kind, project, port, cpu)
     log_path = logs / f"{name.replace('@', '-')}.log"
+    # Servers run side by side: each master's metrics endpoint on a port of its own.
+    env = {**env, "METRICS_BIND": f"127.0.0.1:{free_port()}"}
     with process_group(cmd, env=env, cwd=cwd, log_path=log_path) as proc:
         wait_for(proc, port, "/health/live")
         yield Server(name, kind, proc, port, log_path)

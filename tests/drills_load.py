@@ -9,6 +9,10 @@ whether any byte of the response had arrived). A request lost without any respon
 connection that had already been answered is sent again once on a new connection, as nginx
 does for its upstream keep-alive connections; those are reported apart (`lost_in_flight`,
 `retried_ok`). Prints one JSON object.
+
+With --stop-file PATH it stops as soon as that file exists (--seconds is then an upper bound):
+for a drill whose end is an event, not a duration. --host sets the Host header (a balancer in
+front may route on it, the service checks it).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import asyncio
 import collections
 import json
+import pathlib
 import time
 
 
@@ -50,15 +55,35 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
     return status, close
 
 
-async def connection(args: argparse.Namespace, stats: Stats, start: float, end: float) -> None:
+class Deadline:
+    """When the connections stop sending: --seconds after the start, or earlier once the
+    --stop-file exists (watch)."""
+
+    def __init__(self, end: float) -> None:
+        self.end = end
+
+    async def watch(self, stop_file: str | None) -> None:
+        if stop_file is None:
+            return
+        path = pathlib.Path(stop_file)
+        while time.monotonic() < self.end:
+            if path.exists():
+                self.end = time.monotonic()
+                return
+            await asyncio.sleep(0.05)
+
+
+async def connection(
+    args: argparse.Namespace, stats: Stats, start: float, deadline: Deadline
+) -> None:
     request = (
-        f"GET {args.path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: drills-load\r\n\r\n"
+        f"GET {args.path} HTTP/1.1\r\nHost: {args.host}\r\nUser-Agent: drills-load\r\n\r\n"
     ).encode()
     writer: asyncio.StreamWriter | None = None
     reader: asyncio.StreamReader | None = None
     answered_on_connection = 0
     retrying = False
-    while time.monotonic() < end or retrying:
+    while time.monotonic() < deadline.end or retrying:
         if writer is None:
             try:
                 reader, writer = await asyncio.open_connection("127.0.0.1", args.port)
@@ -122,8 +147,11 @@ async def connection(args: argparse.Namespace, stats: Stats, start: float, end: 
 async def main(args: argparse.Namespace) -> dict[str, object]:
     stats = Stats()
     start = time.monotonic()
-    end = start + args.seconds
-    await asyncio.gather(*(connection(args, stats, start, end) for _ in range(args.connections)))
+    deadline = Deadline(start + args.seconds)
+    await asyncio.gather(
+        deadline.watch(args.stop_file),
+        *(connection(args, stats, start, deadline) for _ in range(args.connections)),
+    )
     elapsed = time.monotonic() - start
     return {
         "seconds": round(elapsed, 2),
@@ -146,9 +174,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--path", default="/api/v1/info")
+    parser.add_argument("--host", default="127.0.0.1", help="the Host header sent")
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--timeout", type=float, default=10)
+    parser.add_argument("--stop-file", help="stop once this file exists")
     parser.add_argument(
         "--no-retry",
         dest="retry",

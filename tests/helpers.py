@@ -53,12 +53,15 @@ class Combo:
         }
 
 
+DEPLOYMENTS = ("docker", "systemd", "kubernetes")
+
+
 def _matrix() -> list[Combo]:
     versions = ("3.11", "3.12", "3.13")
     workers = (0, 1, 2, 3)
     combos = []
     index = 0
-    for deployment in ("docker", "systemd"):
+    for deployment in DEPLOYMENTS:
         for postgres in (False, True):
             for redis in (False, True):
                 for sentry in (False, True):
@@ -80,7 +83,7 @@ COMBOS: list[Combo] = _matrix()
 COMBO_IDS = [c.id for c in COMBOS]
 ALL_ENABLED = {
     d: next(c for c in COMBOS if c.deployment == d and c.postgres and c.redis and c.sentry)
-    for d in ("docker", "systemd")
+    for d in DEPLOYMENTS
 }
 
 
@@ -228,13 +231,20 @@ def started(
     ready: Callable[[], bool] | None = None,
     timeout: float = 90,
     stop_timeout: float = 40,
+    pass_fds: tuple[int, ...] = (),
 ) -> Iterator[subprocess.Popen[bytes]]:
     """The one way the suite starts a server: cmd in a session of its own, stdout and stderr
-    to log; once ready() holds (see wait_for), the process is yielded; afterwards it is
-    stopped (see stop), whatever happened to it meanwhile."""
+    to log (and pass_fds inherited); once ready() holds (see wait_for), the process is yielded;
+    afterwards it is stopped (see stop), whatever happened to it meanwhile."""
     with log.open("wb") as out:
         process = subprocess.Popen(
-            cmd, cwd=cwd, env=dict(env), stdout=out, stderr=out, start_new_session=True
+            cmd,
+            cwd=cwd,
+            env=dict(env),
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+            pass_fds=pass_fds,
         )
     try:
         if ready is not None:

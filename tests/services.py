@@ -101,6 +101,7 @@ class Service:
     process: subprocess.Popen[bytes]
     port: int
     log_path: Path
+    metrics_port: int  # the master's metrics endpoint (METRICS_BIND)
 
     @property
     def base_url(self) -> str:
@@ -247,13 +248,15 @@ def serve(
     helpers.stop).
 
     bind_via: "env" passes --bind in GUNICORN_CMD_ARGS, "cli" on the command line (both must
-    win over the config's bind). env adds to the environment; a None value removes a variable.
+    win over the config's bind); METRICS_BIND is another free port. env adds to the
+    environment; a None value removes a variable.
     extra_path goes on PYTHONPATH (the drills' app module)."""
     project.sync()
     port = free_port()
+    metrics_port = free_port()
     log_path = (log_dir or project.path) / f"gunicorn-{port}.log"
     bind = ["--bind", f"127.0.0.1:{port}"]
-    changes: dict[str, str | None] = {**env}
+    changes: dict[str, str | None] = {"METRICS_BIND": f"127.0.0.1:{metrics_port}", **env}
     if extra_path:
         changes["PYTHONPATH"] = str(extra_path)
     if bind_via == "env":
@@ -265,4 +268,4 @@ def serve(
     with started(
         cmd, cwd or project.path, environment(changes), log_path, lambda: _live(port), timeout
     ) as process:
-        yield Service(project, process, port, log_path)
+        yield Service(project, process, port, log_path, metrics_port)

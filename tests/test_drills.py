@@ -63,7 +63,12 @@ WORKERS = "2"  # WEB_CONCURRENCY for the drills: two workers on a 2-core machine
 @pytest.fixture(
     scope="module",
     params=[
-        pytest.param(c, id=c.id, marks=pytest.mark.xdist_group(c.id)) for c in ALL_ENABLED.values()
+        pytest.param(c, id=c.id, marks=pytest.mark.xdist_group(c.id))
+        for c in ALL_ENABLED.values()
+        # Kubernetes runs docker's image (the same Dockerfile and gunicorn.conf.py): drilling
+        # it again here would prove nothing more (its manifests: tests/deploy/test_kubernetes.py;
+        # its pod as the Deployment runs it: tests/deploy/test_kubernetes_pod.py).
+        if c.deployment != "kubernetes"
     ],
 )
 def combo(request: pytest.FixtureRequest) -> Combo:

@@ -83,7 +83,7 @@ def _url_password(url: str) -> str:
     return match.group(1)
 
 
-@pytest.mark.parametrize("deployment", ["docker", "systemd"])
+@pytest.mark.parametrize("deployment", ["docker", "systemd", "kubernetes"])
 def test_env_gets_fresh_secrets(copier: CopierFixture, tmp_path: Path, deployment: str) -> None:
     answers = {**ANSWERS, "deployment": deployment}
     first = render(copier, tmp_path / "one", answers)

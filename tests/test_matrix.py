@@ -33,8 +33,19 @@ FEATURE_FILES = {
     "sentry": ["src/{pkg}/sentry.py"],
 }
 DEPLOYMENT_FILES = {
-    "docker": ["Dockerfile", ".dockerignore", "compose.yaml"],
-    "systemd": ["deploy/systemd/my-service.service"],
+    "docker": [
+        "Dockerfile",
+        ".dockerignore",
+        "compose.yaml",
+        "compose.build.yaml",
+        "deploy/nginx/my-service.conf",
+    ],
+    "systemd": [
+        "deploy/systemd/my-service.service",
+        "deploy/systemd/my-service.socket",
+        "deploy/nginx/my-service.conf",
+    ],
+    "kubernetes": ["Dockerfile", ".dockerignore", "deploy/kubernetes/kustomization.yaml"],
 }
 COMMON_FILES = [
     ".copier-answers.yml",
@@ -55,7 +66,7 @@ COMMON_FILES = [
     "src/{pkg}/health.py",
     "src/{pkg}/api.py",
     "tests/conftest.py",
-    "deploy/nginx/my-service.conf",
+    "deploy/README.md",
     ".github/workflows/ci.yml",
 ]
 
@@ -87,9 +98,11 @@ def test_tree_matches_answers(copier_session: CopierFixture, combo: Combo) -> No
                 expected.append(name.format(pkg=pkg))
             else:
                 assert name.format(pkg=pkg) not in files, f"{name} present without {feature}"
+    own = set(DEPLOYMENT_FILES[combo.deployment])
     for other, names in DEPLOYMENT_FILES.items():
         if other != combo.deployment:
-            assert not set(names) & set(files), f"{other} files in a {combo.deployment} project"
+            foreign = (set(names) - own) & set(files)
+            assert not foreign, f"{other} files in a {combo.deployment} project: {foreign}"
     missing = [name for name in expected if name not in files]
     assert not missing, f"missing files: {missing}"
 

@@ -389,6 +389,41 @@ def test_enabling_redis_through_update_adds_everything_redis_needs(
     assert ready.json()["checks"].get("redis") == "ok", ready.text
 
 
+def test_switching_deployment_to_kubernetes_and_back(template: TemplateRepo, dst: Path) -> None:
+    """docker -> kubernetes -> docker through `copier update --data deployment=...`: each
+    deployment's files appear and the other's go, without a conflict; the user's own file stays."""
+    generate(template, dst, "v1.0.0", deployment="docker", postgres=True)
+    (dst / "NOTES.md").write_text("mine\n")
+    commit_all(dst, "A note")
+    docker_only = [dst / "compose.yaml", dst / "deploy" / "nginx" / "my-service.conf"]
+    kubernetes_only = [
+        dst / "deploy" / "kubernetes" / name
+        for name in ("kustomization.yaml", "deployment.yaml", "migration-job.yaml")
+    ]
+    shared = [dst / "Dockerfile", dst / ".dockerignore"]
+
+    update(dst, "v1.0.0", data={"deployment": "kubernetes"})
+    assert answers(dst)["deployment"] == "kubernetes"
+    assert all(p.is_file() for p in kubernetes_only + shared)
+    assert not any(p.exists() for p in docker_only)
+    assert "compose.yaml" not in (dst / ".dockerignore").read_text()
+    ci = yaml.safe_load((dst / ".github" / "workflows" / "ci.yml").read_text())
+    assert "image" in ci["jobs"]
+    assert "kubectl" in (dst / "deploy" / "README.md").read_text()
+    assert files_with_conflict_markers(dst) == [] and rej_files(dst) == []
+    assert (dst / "NOTES.md").read_text() == "mine\n"
+    commit_all(dst, "Move to Kubernetes")
+
+    update(dst, "v1.0.0", data={"deployment": "docker"})
+    assert answers(dst)["deployment"] == "docker"
+    assert all(p.is_file() for p in docker_only + shared)
+    assert not (dst / "deploy" / "kubernetes").exists()
+    assert "compose.yaml" in (dst / ".dockerignore").read_text()
+    assert "kubectl" not in (dst / "deploy" / "README.md").read_text()
+    assert files_with_conflict_markers(dst) == [] and rej_files(dst) == []
+    assert (dst / "NOTES.md").read_text() == "mine\n"
+
+
 def test_template_side_leftovers_never_reach_a_project(template: TemplateRepo, dst: Path) -> None:
     """_exclude: caches, editor backups and update leftovers in template/ are not rendered."""
     junk = [

@@ -51,7 +51,7 @@ BAD_ANSWERS = [
     ("workers", -1, "between 1 and 64"),
     ("workers", 65, "between 1 and 64"),
     ("python_version", "3.10", "3.10"),
-    ("deployment", "kubernetes", "kubernetes"),
+    ("deployment", "nomad", "nomad"),
 ]
 
 

@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -23,6 +24,10 @@ from ..helpers import COMBOS, UV, Combo, free_port
 
 DOCKER = [c for c in COMBOS if c.deployment == "docker"]
 SYSTEMD = [c for c in COMBOS if c.deployment == "systemd"]
+KUBERNETES = [c for c in COMBOS if c.deployment == "kubernetes"]
+# The deployments that run the Dockerfile's image, and those behind the generated nginx site.
+IMAGE = DOCKER + KUBERNETES
+NGINX = DOCKER + SYSTEMD
 
 
 def params(combos: list[Combo]) -> list[Any]:
@@ -80,6 +85,10 @@ class Generated:
     @property
     def unit(self) -> Path:
         return self.path / "deploy" / "systemd" / f"{self.slug}.service"
+
+    @property
+    def socket_unit(self) -> Path:
+        return self.path / "deploy" / "systemd" / f"{self.slug}.socket"
 
     def read(self, relative: str) -> str:
         return (self.path / relative).read_text()
@@ -181,6 +190,19 @@ def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
     return out
 
 
+def dockerfile_env(dockerfile: str) -> dict[str, str]:
+    """ENV of the last stage."""
+    instructions = dockerfile_instructions(dockerfile)
+    last_from = max(i for i, (ins, _) in enumerate(instructions) if ins == "FROM")
+    env: dict[str, str] = {}
+    for ins, args in instructions[last_from:]:
+        if ins == "ENV":
+            for pair in shlex.split(args):
+                key, _, value = pair.partition("=")
+                env[key] = value
+    return env
+
+
 def healthcheck_command(dockerfile: str) -> list[str]:
     (args,) = [a for i, a in dockerfile_instructions(dockerfile) if i == "HEALTHCHECK"]
     match = re.search(r"\bCMD (\[.*\])$", args)
@@ -252,7 +274,7 @@ def nginx_sandbox(
     else:
         replacements += [
             (
-                f"server unix:/run/{project.slug}/gunicorn.sock max_fails=0;",
+                f"server unix:/run/{project.slug}.sock max_fails=0;",
                 f"server {upstream} max_fails=0;",
             ),
             (f"access_log /var/log/nginx/{project.slug}.access.log ", f"access_log {access_log} "),
@@ -291,3 +313,25 @@ def nginx_sandbox(
         access_log,
         root / "logs" / "error.log",
     )
+
+
+def unit_environment(unit: dict[str, list[tuple[str, str]]]) -> dict[str, str]:
+    """The variables of the unit's Environment= lines."""
+    env = {}
+    for key, value in unit["Service"]:
+        if key == "Environment":
+            for pair in shlex.split(value):
+                name, _, setting = pair.partition("=")
+                env[name] = setting
+    return env
+
+
+def connects(address: tuple[str, int] | str) -> bool:
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    with socket.socket(family) as s:
+        s.settimeout(1)
+        try:
+            s.connect(address)
+        except OSError:
+            return False
+        return True

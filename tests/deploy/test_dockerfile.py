@@ -17,6 +17,7 @@ from docker.utils.build import exclude_paths
 from ..helpers import Combo, free_port, python_for
 from .support import (
     DOCKER,
+    IMAGE,
     Generated,
     _passed,
     check_file,
@@ -34,12 +35,12 @@ def check_hadolint(dockerfile: Path) -> None:
     check_file([tool("hadolint"), "--no-color"], dockerfile)
 
 
-@pytest.mark.parametrize("combo", params(DOCKER))
+@pytest.mark.parametrize("combo", params(IMAGE))
 def test_dockerfile_hadolint(generated: Callable[[Combo], Generated], combo: Combo) -> None:
     check_hadolint(generated(combo).path / "Dockerfile")
 
 
-@pytest.mark.parametrize("combo", params(DOCKER))
+@pytest.mark.parametrize("combo", params(IMAGE))
 def test_dockerfile_structure(generated: Callable[[Combo], Generated], combo: Combo) -> None:
     """Multi-stage with uv, dependencies in their own locked layer, a numeric non-root user,
     only the virtualenv and run-time files in the final stage, gunicorn in exec form."""
@@ -128,7 +129,7 @@ def check_dockerignore(project: Generated) -> None:
     assert not missing, f"the build context lacks {missing}"
 
 
-@pytest.mark.parametrize("combo", params(DOCKER))
+@pytest.mark.parametrize("combo", params(IMAGE))
 def test_dockerignore(
     generated: Callable[[Combo], Generated], combo: Combo, tmp_path: Path
 ) -> None:
@@ -182,7 +183,7 @@ def answering() -> Iterator[http.server.ThreadingHTTPServer]:
         thread.join()
 
 
-@pytest.mark.parametrize("combo", params(DOCKER))
+@pytest.mark.parametrize("combo", params(IMAGE))
 def test_healthcheck_fails_on_anything_but_2xx(
     generated: Callable[[Combo], Generated], combo: Combo
 ) -> None:
@@ -191,8 +192,9 @@ def test_healthcheck_fails_on_anything_but_2xx(
     Python version."""
     project = generated(combo)
     command = healthcheck_command(project.read("Dockerfile"))
-    compose = yaml.safe_load(project.read("compose.yaml"))
-    assert compose["services"]["app"]["healthcheck"]["test"] == ["CMD", *command]
+    if combo.deployment == "docker":
+        compose = yaml.safe_load(project.read("compose.yaml"))
+        assert compose["services"]["app"]["healthcheck"]["test"] == ["CMD", *command]
     python = python_for(combo.python_version)
     key = (str(python), *command)
     if key in _passed:  # the same command already proven with this Python

@@ -16,6 +16,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ import httpx
 import pytest
 import yaml
 
+from ..drills_support import report
 from ..helpers import (
     ALL_ENABLED,
     Combo,
@@ -42,30 +44,20 @@ from ..services import children_of
 from .support import (
     Generated,
     NginxSandbox,
+    connects,
+    dockerfile_env,
     dockerfile_instructions,
     healthcheck_command,
     nginx_sandbox,
     parse_env_file,
     parse_unit,
     run_healthcheck,
+    unit_environment,
     unit_value,
     uv,
 )
 
 pytestmark = pytest.mark.deploy
-
-
-def dockerfile_env(dockerfile: str) -> dict[str, str]:
-    """ENV of the last stage."""
-    instructions = dockerfile_instructions(dockerfile)
-    last_from = max(i for i, (ins, _) in enumerate(instructions) if ins == "FROM")
-    env: dict[str, str] = {}
-    for ins, args in instructions[last_from:]:
-        if ins == "ENV":
-            for pair in shlex.split(args):
-                key, _, value = pair.partition("=")
-                env[key] = value
-    return env
 
 
 def uv_sync(project: Generated) -> Path:
@@ -106,15 +98,70 @@ class Service:
         raise AssertionError(f"no access line for {request_id}:\n{self.log.read_text()[-3000:]}")
 
 
-def connects(address: tuple[str, int] | str) -> bool:
-    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
-    with socket.socket(family) as s:
-        s.settimeout(1)
-        try:
-            s.connect(address)
-        except OSError:
-            return False
-        return True
+def socket_activated(cmd: list[str], listener: socket.socket) -> list[str]:
+    """cmd as systemd starts a socket-activated service: the listening socket as file
+    descriptor 3, LISTEN_FDS=1 and LISTEN_PID set to the service's own pid (gunicorn checks
+    it), through a Python shim that execs cmd in its own process."""
+    shim = (
+        "import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); fd != 3 and os.close(fd); "
+        "os.environ.update(LISTEN_FDS='1', LISTEN_PID=str(os.getpid())); "
+        "os.execv(sys.argv[2], sys.argv[2:])"
+    )
+    return [sys.executable, "-c", shim, str(listener.fileno()), *cmd]
+
+
+@dataclass
+class Load:
+    """Steady requests through nginx from threads of their own until stopped: /health/live as
+    fast as a keep-alive client goes (not rate-limited), and /api/v1/info at 8 a second from
+    another address (under the site's 10 per second), recording each version it answers."""
+
+    project: Generated
+    sandbox: NginxSandbox
+    certificate: Path
+    failures: list[str]
+    versions: list[str]
+    sent: int = 0
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._run, args=(f"127.0.0.{10 + i}", "/health/live", 0.0))
+            for i in range(4)
+        ]
+        self._threads.append(
+            threading.Thread(target=self._run, args=("127.0.0.20", "/api/v1/info", 0.125))
+        )
+
+    def _run(self, source: str, path: str, pause: float) -> None:
+        headers = {"Host": self.project.domain}
+        with https_client(self.sandbox, self.certificate, source) as client:
+            while not self._stop.is_set():
+                try:
+                    answer = client.get(
+                        path, headers=headers, extensions={"sni_hostname": self.project.domain}
+                    )
+                    failure = None if answer.status_code == 200 else str(answer.status_code)
+                except httpx.HTTPError as exc:
+                    failure, answer = repr(exc), None
+                with self._lock:
+                    self.sent += 1
+                    if failure:
+                        self.failures.append(f"{path}: {failure}")
+                    elif path == "/api/v1/info" and answer is not None:
+                        self.versions.append(answer.json()["version"])
+                time.sleep(pause)
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
 
 
 @contextlib.contextmanager
@@ -204,6 +251,25 @@ def assert_through_nginx(
             assert time.monotonic() < deadline, sandbox.access_log.read_text()[-3000:]
             time.sleep(0.05)
 
+        # Issue 16: a malformed id (here, text that would forge a field in nginx's log) is
+        # replaced by nginx with its own, which the app keeps: both logs carry the same id.
+        malformed = 'forged" request_id=evil x="'
+        answer = client.get(
+            "/api/v1/info", headers={**host, "X-Request-ID": malformed}, extensions=sni
+        )
+        replaced = answer.headers["x-request-id"]
+        assert re.fullmatch(r"[0-9a-f]{32}", replaced), replaced
+        service.access_line(replaced)
+        deadline = time.monotonic() + 5
+        while f"request_id={replaced}\n" not in sandbox.access_log.read_text():
+            assert time.monotonic() < deadline, sandbox.access_log.read_text()[-3000:]
+            time.sleep(0.05)
+        assert "forged" not in sandbox.access_log.read_text()
+        # The metrics are served on the master's own port (METRICS_BIND), which nginx never
+        # proxies: /metrics through nginx is the app's 404, not the metrics.
+        answer = client.get("/metrics", headers=host, extensions=sni)
+        assert answer.status_code == 404 and "http_requests_total" not in answer.text
+
         # Dotfiles never reach the app.
         assert client.get("/.env", headers=host, extensions=sni).status_code == 404
         assert not [x for x in service.lines() if x.get("path") == "/.env"]
@@ -233,6 +299,131 @@ def assert_through_nginx(
                 assert answer.headers["strict-transport-security"]
                 break
         assert statuses[:20] == [200] * 20 and statuses[-1] == 429, statuses
+
+
+def psql_value(postgres: Postgres, database: str, sql: str) -> str:
+    proc = run(
+        [
+            str(postgres.bindir / "psql"),
+            *("-h", postgres.host, "-p", str(postgres.port), "-U", postgres.user, "-d", database),
+            *("-A", "-t", "-c", sql),
+        ]
+    )
+    return proc.stdout.strip()
+
+
+def assert_slow_get_runs_once(
+    project: Generated,
+    certificate: Path,
+    service: Service,
+    postgres: Postgres,
+    database: str,
+    root: Path,
+    upstream: str,
+) -> None:
+    """A GET slower than nginx's proxy_read_timeout (shortened to 1 s here; a table lock holds
+    the query) runs once in the service: nginx answers 504 after one timeout, not two, and
+    does not send the request again to the second upstream entry."""
+    text = project.nginx_conf.read_text()
+    assert "proxy_read_timeout 35s;" in text
+    sandbox = nginx_sandbox(
+        project,
+        text.replace("proxy_read_timeout 35s;", "proxy_read_timeout 1s;"),
+        certificate,
+        root,
+        upstream,
+    )
+    lock_s = 5
+    locker = threading.Thread(
+        target=postgres.psql,
+        args=(
+            f"BEGIN; LOCK TABLE items IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep({lock_s}); COMMIT;",
+            database,
+        ),
+    )
+    with running_nginx(sandbox), https_client(sandbox, certificate, "127.0.0.5") as client:
+        locker.start()
+        try:
+            deadline = time.monotonic() + lock_s - 2
+            while (
+                psql_value(
+                    postgres,
+                    database,
+                    "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+                    "WHERE c.relname = 'items' AND l.mode = 'AccessExclusiveLock' AND l.granted",
+                )
+                != "1"
+            ):
+                assert time.monotonic() < deadline, "the table lock was not taken"
+                time.sleep(0.05)
+            request_id = f"slow-{uuid.uuid4().hex}"
+            started_at = time.monotonic()
+            answer = client.get(
+                "/api/v1/items",
+                headers={"Host": project.domain, "X-Request-ID": request_id},
+                extensions={"sni_hostname": project.domain},
+            )
+            waited = time.monotonic() - started_at
+        finally:
+            locker.join()
+        assert answer.status_code == 504, answer.text
+        # The query ends once the lock is gone; a second run would end about as soon.
+        service.access_line(request_id)
+        time.sleep(1)
+        runs = [x for x in service.lines() if x.get("request_id") == request_id and "status" in x]
+        assert len(runs) == 1, f"the GET ran {len(runs)} times: {runs}"
+        assert waited < 1.9, f"504 after {waited:.2f} s: nginx waited for a second attempt"
+
+
+def with_real_ip(site_text: str, trusted: str) -> str:
+    """The site with its commented `real_ip` lines switched on, trusting `trusted`."""
+    lines = re.findall(
+        r"^# ((?:set_real_ip_from|real_ip_header|real_ip_recursive) .*;)$", site_text, re.M
+    )
+    assert [line.split()[0] for line in lines] == [
+        "set_real_ip_from",
+        "real_ip_header",
+        "real_ip_recursive",
+    ], lines
+    for line in lines:
+        on = re.sub(r"^set_real_ip_from \S+;", f"set_real_ip_from {trusted};", line)
+        site_text = site_text.replace(f"# {line}", on)
+    return site_text
+
+
+def assert_real_ip_from_a_trusted_balancer(
+    project: Generated, certificate: Path, service: Service, root: Path, upstream: str
+) -> None:
+    """Issue 16: the site's commented real_ip lines, switched on as deploy/README.md says, make
+    nginx take the client's address from a trusted balancer's X-Forwarded-For: the service and
+    nginx's log see the client, not the balancer."""
+    guide = project.read("deploy/README.md")
+    block = re.search(r"```nginx\n(.*?)```", guide, re.S).group(1)
+    documented = [line.split("#")[0].strip() for line in block.strip().splitlines()]
+    site_text = project.nginx_conf.read_text()
+    assert [f"# {line}" in site_text for line in documented] == [True] * 3, documented
+    sandbox = nginx_sandbox(
+        project, with_real_ip(site_text, "127.0.0.0/8"), certificate, root, upstream
+    )
+    with running_nginx(sandbox), https_client(sandbox, certificate, "127.0.0.6") as balancer:
+        request_id = f"real-ip-{uuid.uuid4().hex}"
+        answer = balancer.get(
+            "/api/v1/info",
+            headers={
+                "Host": project.domain,
+                "X-Request-ID": request_id,
+                "X-Forwarded-For": "198.51.100.23, 203.0.113.9",
+            },
+            extensions={"sni_hostname": project.domain},
+        )
+        assert answer.status_code == 200, answer.text
+        assert service.access_line(request_id)["client"] == "203.0.113.9"
+        deadline = time.monotonic() + 5
+        while f"request_id={request_id}" not in sandbox.access_log.read_text():
+            assert time.monotonic() < deadline, sandbox.access_log.read_text()[-3000:]
+            time.sleep(0.05)
+        (line,) = [x for x in sandbox.access_log.read_text().splitlines() if request_id in x]
+        assert line.startswith("203.0.113.9 "), line
 
 
 @pytest.mark.boot
@@ -266,6 +457,7 @@ def test_nginx_in_front_of_the_container(
         **deployed_env(project, postgres, redis, "deploy_docker"),
         **app_env,
         "BIND": f"127.0.0.1:{port}",
+        "METRICS_BIND": f"127.0.0.1:{free_port()}",
     }
 
     migrate = compose["services"]["migrate"]["command"]
@@ -299,115 +491,186 @@ def test_nginx_in_front_of_the_container(
 @pytest.mark.boot
 @pytest.mark.xdist_group("deploy-live-systemd")
 def test_nginx_in_front_of_the_unit(
+    request: pytest.FixtureRequest,
     generated: Callable[[Combo], Generated],
     certificates: Callable[[str], Path],
     postgres: Postgres,
     redis: Redis,
     tmp_path: Path,
 ) -> None:
-    """The service started as the unit starts it (ExecStart, WorkingDirectory, EnvironmentFile,
-    RuntimeDirectory; paths rewritten): it reports READY=1 on NOTIFY_SOCKET once it listens,
-    serves through nginx, reloads on ExecReload's HUP without failing a request, and stops
-    within TimeoutStopSec, removing its socket."""
+    """The service started as the units start it (the socket unit's socket passed to ExecStart
+    as systemd does, WorkingDirectory, EnvironmentFile; paths rewritten): it reports READY=1 on
+    NOTIFY_SOCKET, serves through nginx, reloads on ExecReload's HUP without failing a request,
+    restarts and is deployed (new code, then a restart) under steady load through nginx without
+    failing a request, and stops within TimeoutStopSec, leaving the socket to systemd."""
     combo = ALL_ENABLED["systemd"]
     project = generated(combo).copy(tmp_path / "project")
     certificate = certificates(project.domain)
     bin_dir = uv_sync(project)
     unit = parse_unit(project.unit.read_text())
     value = lambda key: unit_value(unit, "Service", key)  # noqa: E731
-    slug = project.slug
+    socket_unit = parse_unit(project.socket_unit.read_text())
+    socket_value = lambda key: unit_value(socket_unit, "Socket", key)  # noqa: E731
 
     with contextlib.ExitStack() as stack:
         # Short paths: unix socket paths are limited to 107 bytes.
         run_dir = Path(tempfile.mkdtemp(prefix="deploy-run-"))
         stack.callback(shutil.rmtree, run_dir, ignore_errors=True)
-        runtime = run_dir / value("RuntimeDirectory")
-        runtime.mkdir(mode=int(value("RuntimeDirectoryMode"), 8))
         notify_path = str(run_dir / "notify")
         notify = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM))
         notify.bind(notify_path)
         notify.settimeout(60)
+        # The socket unit, played: systemd listens before the service starts, and keeps the
+        # socket open across the service's restarts.
+        socket_path = str(run_dir / Path(socket_value("ListenStream")).name)
+        listener = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+        listener.bind(socket_path)
+        os.chmod(socket_path, int(socket_value("SocketMode"), 8))
+        listener.listen(int(socket_value("Backlog")))
 
         workdir = value("WorkingDirectory")
         exec_start = [
-            arg.replace(workdir, str(project.path)).replace(f"/run/{slug}", str(runtime))
-            for arg in shlex.split(value("ExecStart"))
+            arg.replace(workdir, str(project.path)) for arg in shlex.split(value("ExecStart"))
         ]
         assert exec_start[0] == str(bin_dir / "gunicorn")
-        socket_path = exec_start[exec_start.index("--bind") + 1].removeprefix("unix:")
-        # EnvironmentFile=: the .env installed as the guide says (set to production).
-        env = {
-            "PATH": os.environ["PATH"],
-            **deployed_env(project, postgres, redis, "deploy_systemd"),
-        }
+        # Environment=, then EnvironmentFile= (which wins): the .env installed as the guide
+        # says, without an ENVIRONMENT line, so that production comes from the unit.
+        env_file = deployed_env(project, postgres, redis, "deploy_systemd")
+        del env_file["ENVIRONMENT"]
+        env = {"PATH": os.environ["PATH"], **unit_environment(unit), **env_file}
         if combo.postgres:  # the guide's migration step, as the service user would run it
             run([str(bin_dir / "alembic"), "upgrade", "head"], cwd=project.path, env=env)
         env["NOTIFY_SOCKET"] = notify_path
+        env["METRICS_BIND"] = f"127.0.0.1:{free_port()}"  # .env's port: taken by a parallel test
 
-        app_log = tmp_path / "app.log"
-        with started(exec_start, project.path, env, app_log) as process:
-            service = Service(process, app_log)
+        def start(log: Path) -> Service:
+            """`systemctl start`: ExecStart with the socket; returns once READY=1 arrives."""
+            process = stack.enter_context(
+                started(
+                    socket_activated(exec_start, listener),
+                    project.path,
+                    env,
+                    log,
+                    pass_fds=(listener.fileno(),),
+                )
+            )
             message = notify.recv(4096).decode()
             assert "READY=1" in message.split("\n"), message
-            assert connects(socket_path), "READY=1 before gunicorn listens"
-            assert runtime.stat().st_mode & 0o777 == 0o750
+            return Service(process, log)
 
-            sandbox = nginx_sandbox(
-                project,
-                project.nginx_conf.read_text(),
-                certificate,
-                tmp_path / "nginx",
-                f"unix:{socket_path}",
-            )
-            with running_nginx(sandbox):
-                assert_through_nginx(project, sandbox, certificate, service)
-
-                # ExecReload: HUP to the main process; requests keep succeeding meanwhile.
-                signal_name = shlex.split(value("ExecReload"))[2]
-                booted = lambda: service.log.read_text().count("Booting worker")  # noqa: E731
-                before, old_workers = booted(), children_of(service.process.pid)
-                with https_client(sandbox, certificate, "127.0.0.4") as client:
-                    os.kill(service.process.pid, getattr(signal, f"SIG{signal_name}"))
-                    deadline = time.monotonic() + 30
-                    statuses: list[int] = []
-                    # Until the new workers have booted and the old ones have exited.
-                    while (
-                        booted() < 2 * before or old_workers & children_of(service.process.pid)
-                    ) and time.monotonic() < deadline:
-                        answer = client.get(
-                            "/health/live",
-                            headers={"Host": project.domain},
-                            extensions={"sni_hostname": project.domain},
-                        )
-                        statuses.append(answer.status_code)
-                        time.sleep(0.05)
-                    assert booted() == 2 * before, "HUP did not replace the workers"
-                    assert old_workers, "no workers before the reload"
-                    assert not old_workers & children_of(service.process.pid), "old workers left"
-                    # Known race, seen under CPU load: a stopping worker closes, unread, a
-                    # connection nginx has just sent a request on. The site lists its upstream
-                    # twice so that nginx retries on a new connection; should the retry meet
-                    # the race too, nginx answers 502. At most one request of the reload may;
-                    # anything more is a reload that is not graceful.
-                    failed = [status for status in statuses if status != 200]
-                    sys.stderr.write(f"HUP reload: {len(statuses)} requests, failed {failed}\n")
-                    assert len(failed) <= 1 and set(failed) <= {502}, (
-                        statuses,
-                        sandbox.error_log.read_text()[-3000:],
-                    )
-                    for _ in range(20):
-                        answer = client.get(
-                            "/health/live",
-                            headers={"Host": project.domain},
-                            extensions={"sni_hostname": project.domain},
-                        )
-                        assert answer.status_code == 200
-                        time.sleep(0.05)
-
-            # KillMode=mixed: SIGTERM to the main process, which must be gone in time.
+        def stop(service: Service) -> float:
+            """`systemctl stop` (KillMode=mixed: SIGTERM to the main process, which must be
+            gone within TimeoutStopSec, exiting 0); returns the seconds it took."""
             started_at = time.monotonic()
             service.process.send_signal(signal.SIGTERM)
             service.process.wait(timeout=int(value("TimeoutStopSec")))
-            assert time.monotonic() - started_at < int(value("TimeoutStopSec"))
+            took = time.monotonic() - started_at
             assert service.process.returncode == 0, service.log.read_text()[-3000:]
-            assert not os.path.exists(socket_path)
+            return took
+
+        service = start(tmp_path / "app.log")
+        assert connects(socket_path)
+
+        sandbox = nginx_sandbox(
+            project,
+            project.nginx_conf.read_text(),
+            certificate,
+            tmp_path / "nginx",
+            f"unix:{socket_path}",
+        )
+        with running_nginx(sandbox):
+            assert_through_nginx(project, sandbox, certificate, service)
+
+            # ExecReload: HUP to the main process; requests keep succeeding meanwhile.
+            signal_name = shlex.split(value("ExecReload"))[2]
+            booted = lambda: service.log.read_text().count("Booting worker")  # noqa: E731
+            before, old_workers = booted(), children_of(service.process.pid)
+            with https_client(sandbox, certificate, "127.0.0.4") as client:
+                os.kill(service.process.pid, getattr(signal, f"SIG{signal_name}"))
+                deadline = time.monotonic() + 30
+                statuses: list[int] = []
+                # Until the new workers have booted and the old ones have exited.
+                while (
+                    booted() < 2 * before or old_workers & children_of(service.process.pid)
+                ) and time.monotonic() < deadline:
+                    answer = client.get(
+                        "/health/live",
+                        headers={"Host": project.domain},
+                        extensions={"sni_hostname": project.domain},
+                    )
+                    statuses.append(answer.status_code)
+                    time.sleep(0.05)
+                assert booted() == 2 * before, "HUP did not replace the workers"
+                assert old_workers, "no workers before the reload"
+                assert not old_workers & children_of(service.process.pid), "old workers left"
+                # Known race, seen under CPU load: a stopping worker closes, unread, a
+                # connection nginx has just sent a request on. The site lists its upstream
+                # twice so that nginx retries on a new connection; should the retry meet
+                # the race too, nginx answers 502. At most one request of the reload may;
+                # anything more is a reload that is not graceful.
+                failed = [status for status in statuses if status != 200]
+                sys.stderr.write(f"HUP reload: {len(statuses)} requests, failed {failed}\n")
+                assert len(failed) <= 1 and set(failed) <= {502}, (
+                    statuses,
+                    sandbox.error_log.read_text()[-3000:],
+                )
+                for _ in range(20):
+                    answer = client.get(
+                        "/health/live",
+                        headers={"Host": project.domain},
+                        extensions={"sni_hostname": project.domain},
+                    )
+                    assert answer.status_code == 200
+                    time.sleep(0.05)
+
+            # Issue 16: a restart, then a deploy (new code, then a restart), under steady load
+            # through nginx: connections wait in systemd's socket while no gunicorn serves it.
+            failures: list[str] = []
+            versions: list[str] = []
+            figures: dict[str, Any] = {}
+            init = project.path / "src" / project.package / "__init__.py"
+            with Load(project, sandbox, certificate, failures, versions) as load:
+                time.sleep(1)
+                for step, log in (("restart", "app-2.log"), ("deploy", "app-3.log")):
+                    if step == "deploy":
+                        init.write_text(
+                            re.sub(r"__version__ = .*", '__version__ = "2.0.0"', init.read_text())
+                        )
+                    sent_before = load.sent
+                    drain = stop(service)
+                    gap_started = time.monotonic()
+                    service = start(tmp_path / log)
+                    figures[step] = {
+                        "stop_s": round(drain, 2),
+                        "no_gunicorn_s": round(time.monotonic() - gap_started, 2),
+                    }
+                    # The queued requests are served once a new worker has loaded the app.
+                    wait_for(
+                        lambda n=sent_before: load.sent > n + 200,
+                        step,
+                        service.process,
+                        service.log,
+                    )
+                    time.sleep(1)
+                    figures[step]["requests"] = load.sent - sent_before
+            figures["requests"], figures["failed"] = load.sent, len(failures)
+            report(request, "systemd-restart", figures)
+            assert not failures, (figures, failures[:10])
+            assert versions[-1] == "2.0.0" and versions[0] != "2.0.0", versions
+
+        assert_real_ip_from_a_trusted_balancer(
+            project, certificate, service, tmp_path / "nginx-real-ip", f"unix:{socket_path}"
+        )
+        assert_slow_get_runs_once(
+            project,
+            certificate,
+            service,
+            postgres,
+            "deploy_systemd",
+            tmp_path / "nginx-slow",
+            f"unix:{socket_path}",
+        )
+
+        # The service stops in time; the socket is systemd's and stays, queueing connections.
+        assert stop(service) < int(value("TimeoutStopSec"))
+        assert connects(socket_path)

@@ -24,12 +24,14 @@ def graceful_timeout(project: Generated) -> int:
 
 
 def systemd_tree(project: Generated, root: Path, unit_text: str | None = None) -> str:
-    """A root for `systemd-analyze --root`: the system's own units, the generated unit, and
-    executables where its ExecStart= and ExecReload= point. Returns the unit's name."""
+    """A root for `systemd-analyze --root`: the system's own units, the generated units (the
+    service and its socket), and executables where the service's ExecStart= and ExecReload=
+    point. Returns the service unit's name."""
     shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
     name = project.unit.name
     (root / "etc/systemd/system").mkdir(parents=True)
     (root / "etc/systemd/system" / name).write_text(unit_text or project.unit.read_text())
+    shutil.copy(project.socket_unit, root / "etc/systemd/system")
     unit = parse_unit(unit_text or project.unit.read_text())
     for key in ("ExecStart", "ExecReload"):
         executable = root / shlex.split(unit_value(unit, "Service", key))[0].lstrip("/")
@@ -69,13 +71,14 @@ def test_systemd_unit(
     project = generated(combo)
     name = systemd_tree(project, tmp_path / "root")
     check_systemd_verify(tmp_path / "root", name)
+    check_systemd_verify(tmp_path / "root", project.socket_unit.name)
     check_systemd_security(tmp_path / "root", name)
 
     unit = parse_unit(project.unit.read_text())
     value = lambda key: unit_value(unit, "Service", key)  # noqa: E731
     slug = project.slug
     assert value("Type") == "notify" and value("NotifyAccess") == "main"
-    assert value("User") == value("Group") == slug
+    assert value("User") == slug and value("Group") == f"{slug}-sock"
     assert value("WorkingDirectory") == f"/srv/{slug}"
     assert value("EnvironmentFile") == f"/etc/{slug}/{slug}.env"
     exec_start = shlex.split(value("ExecStart"))
@@ -84,8 +87,17 @@ def test_systemd_unit(
         "-c",
         f"/srv/{slug}/gunicorn.conf.py",
     ]
-    assert exec_start[exec_start.index("--bind") + 1] == f"unix:/run/{slug}/gunicorn.sock"
-    assert value("RuntimeDirectory") == slug and value("RuntimeDirectoryMode") == "0750"
+    # Issue 16: the socket is systemd's, held across restarts; gunicorn binds nothing itself.
+    assert "--bind" not in exec_start and not any(
+        k == "RuntimeDirectory" for k, _ in unit["Service"]
+    )
+    socket_unit = parse_unit(project.socket_unit.read_text())
+    socket_value = lambda key: unit_value(socket_unit, "Socket", key)  # noqa: E731
+    assert socket_value("ListenStream") == f"/run/{slug}.sock"
+    assert (socket_value("SocketUser"), socket_value("SocketGroup")) == ("root", f"{slug}-sock")
+    assert socket_value("SocketMode") == "0660"
+    assert unit_value(unit, "Unit", "Requires") == project.socket_unit.name
+    assert project.socket_unit.name in unit_value(unit, "Unit", "After").split()
     assert value("ExecReload") == "/bin/kill -s HUP $MAINPID"
     assert value("Restart") == "on-failure" and int(value("RestartSec")) > 0
     assert value("KillMode") == "mixed"
@@ -102,10 +114,14 @@ def test_systemd_unit(
         "ProtectControlGroups": "yes",
         "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6",
         "CapabilityBoundingSet": "",
-        "ReadWritePaths": f"/run/{slug}",
         "LimitNOFILE": "65536",
     }.items():
         assert value(key) == expected, key
+    # Issue 16: journald's rate limit is set for one line per request: at least 2,500 lines per
+    # second for each of the 16 workers the automatic count allows, and still a limit.
+    interval = value("LogRateLimitIntervalSec")
+    assert re.fullmatch(r"[1-9]\d*s", interval), interval
+    assert int(value("LogRateLimitBurst")) / int(interval[:-1]) >= 16 * 2500
     after = unit_value(unit, "Unit", "After").split()
     assert ("postgresql.service" in after) == combo.postgres
     assert ("redis-server.service" in after) == combo.redis

@@ -20,13 +20,15 @@ FEATURE_WORDS = {
     "sentry": ("sentry",),
 }
 DEPLOYMENT_WORDS = {
-    "docker": ("systemd", "systemctl", "journalctl"),
-    "systemd": ("docker", "compose"),
+    "docker": ("systemd", "systemctl", "journalctl", "kubectl", "ingress"),
+    "systemd": ("docker", "compose", "kubectl", "ingress"),
+    "kubernetes": ("systemd", "systemctl", "journalctl", "compose", "certbot"),
 }
 
 
 def artifacts(project: Generated) -> list[Path]:
-    paths = [project.path / p for p in ("Dockerfile", ".dockerignore", "compose.yaml")]
+    names = ("Dockerfile", ".dockerignore", "compose.yaml", "compose.build.yaml")
+    paths = [project.path / p for p in names]
     paths += sorted((project.path / "deploy").rglob("*")) + sorted(
         (project.path / ".github").rglob("*")
     )
@@ -40,13 +42,17 @@ def test_artifacts_follow_the_answers(
     """Each artifact exists exactly for its deployment, names the answers, and mentions no
     disabled feature and no other deployment; no Jinja is left over."""
     project = generated(combo)
-    docker = combo.deployment == "docker"
-    for name in ("Dockerfile", ".dockerignore", "compose.yaml"):
-        assert (project.path / name).exists() == docker, name
-    assert project.unit.exists() == (not docker)
-    assert not (project.path / "deploy" / "systemd").exists() or not docker
+    docker, systemd = combo.deployment == "docker", combo.deployment == "systemd"
+    kubernetes = combo.deployment == "kubernetes"
+    for name in ("Dockerfile", ".dockerignore"):
+        assert (project.path / name).exists() == (docker or kubernetes), name
+    assert (project.path / "compose.yaml").exists() == docker
+    assert (project.path / "compose.build.yaml").exists() == docker
+    assert (project.path / "deploy" / "systemd").exists() == systemd
+    assert project.unit.exists() == systemd
+    assert project.nginx_conf.exists() == (not kubernetes)
+    assert (project.path / "deploy" / "kubernetes" / "kustomization.yaml").exists() == kubernetes
     for always in (
-        project.nginx_conf,
         project.path / "deploy" / "README.md",
         project.path / ".github" / "workflows" / "ci.yml",
         project.path / ".github" / "dependabot.yml",
@@ -66,10 +72,12 @@ def test_artifacts_follow_the_answers(
         found = [w for w in DEPLOYMENT_WORDS[combo.deployment] if w in lower]
         assert not found, f"{path} mentions {found} in a {combo.deployment} deployment"
 
-    conf = project.nginx_conf.read_text()
-    assert f"server_name {project.domain};" in conf
-    assert f"/etc/letsencrypt/live/{project.domain}/fullchain.pem" in conf
-    if docker:
+    if not kubernetes:
+        conf = project.nginx_conf.read_text()
+        assert f"server_name {project.domain};" in conf
+        assert f"/etc/letsencrypt/live/{project.domain}/fullchain.pem" in conf
+    if docker or kubernetes:
         dockerfile = project.read("Dockerfile")
         assert dockerfile.count(f"FROM python:{combo.python_version}-slim AS") == 2
+    if docker:
         assert f"name: {project.slug}" in project.read("compose.yaml")

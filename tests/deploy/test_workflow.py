@@ -50,7 +50,7 @@ def test_workflow(generated: Callable[[Combo], Generated], combo: Combo) -> None
     assert "group" in ci["concurrency"] and "cancel-in-progress" in ci["concurrency"]
     jobs = ci["jobs"]
     assert set(jobs) == {"lint", "types", "test"} | (
-        {"image"} if combo.deployment == "docker" else set()
+        {"image"} if combo.deployment in ("docker", "kubernetes") else set()
     )
     for job in jobs.values():
         assert 0 < job["timeout-minutes"] <= 30
@@ -77,7 +77,7 @@ def test_workflow(generated: Callable[[Combo], Generated], combo: Combo) -> None
     assert ("TEST_DATABASE_URL" in env) == combo.postgres and (
         "TEST_REDIS_URL" in env
     ) == combo.redis
-    if combo.deployment == "docker":
+    if "image" in jobs:
         image = jobs["image"]
         assert image["permissions"] == {"contents": "read", "packages": "write"}
         assert set(image["needs"]) == {"lint", "types", "test"}

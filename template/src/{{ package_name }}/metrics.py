@@ -1,0 +1,111 @@
+"""The service's Prometheus metrics, as each worker records them.
+
+Requests are counted per route template (`/api/v1/items/{item_id}`, never the raw path), method
+and status, with their latency and the number in flight; readiness is the last answer of
+`/health/ready`. A path that matches no route is counted under the one label `unmatched`, and a
+method outside the usual ones under `other`: a scan of random paths or methods adds no series.
+
+Under gunicorn each worker writes its values to files of its own in PROMETHEUS_MULTIPROC_DIR
+(prometheus_client's multiprocess mode, chosen when it is imported); the master sums them and
+serves them on METRICS_BIND, never on the service's port (metrics_server.py). Elsewhere (the
+tests, an embedding server) they live in this process' default registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from prometheus_client import Counter, Gauge, Histogram
+from starlette.types import Scope
+
+UNMATCHED = "unmatched"
+OTHER_METHOD = "other"
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# Seconds, for a web API: most answers take milliseconds; the last bound is gunicorn's worker
+# timeout (30 s), past which no request lives.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+REQUESTS = Counter(
+    "http_requests",
+    "HTTP requests answered, by route template, method and status.",
+    ["route", "method", "status"],
+)
+LATENCY = Histogram(
+    "http_request_duration_seconds",
+    "Time from the request's arrival to its last response byte, by route template and method.",
+    ["route", "method"],
+    buckets=LATENCY_BUCKETS,
+)
+_IN_FLIGHT = Gauge(
+    "http_requests_in_flight",
+    "HTTP requests being handled now (sampled at most half a second ago).",
+    multiprocess_mode="livesum",  # summed over the live workers
+)
+READY = Gauge(
+    "service_ready",
+    "1 if the last /health/ready answer was 200, else 0 (the lowest over the live workers).",
+    multiprocess_mode="livemin",
+)
+
+# How long the in-flight gauge may lag behind the count.
+PUBLISH_DELAY = 0.5
+
+
+class InFlight:
+    """The requests this worker is handling: counted in memory, written to the gauge at most
+    PUBLISH_DELAY after a change. Writing the gauge's file as each request starts and ends
+    cost as much as the rest of the metrics together; a gauge is a sample anyway."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._pending: asyncio.AbstractEventLoop | None = None  # the loop a write is due in
+
+    def started(self) -> None:
+        self.count += 1
+        self._changed()
+
+    def finished(self) -> None:
+        self.count -= 1
+        self._changed()
+
+    def _changed(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._pending is not loop:  # none due (or due in a loop that has gone: tests)
+            self._pending = loop
+            loop.call_later(PUBLISH_DELAY, self._publish)
+
+    def _publish(self) -> None:
+        self._pending = None
+        _IN_FLIGHT.set(self.count)
+
+
+IN_FLIGHT = InFlight()
+
+# The labelled series of each (route, method, status): labels() validates and locks on every
+# call, a dictionary lookup does not. Bounded by the application's routes, as the series are.
+_series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+
+
+def record_request(scope: Scope, status: int, start: float) -> None:
+    """Count an answered request and its latency since `start` (a time.perf_counter() value)."""
+    duration = time.perf_counter() - start
+    # FastAPI puts the route it matched (also for a 405: right path, wrong method) in the
+    # scope; nothing there means no route, or a refusal before routing (413, a bad Host). Its
+    # path includes an APIRouter(prefix=...), not a prefix given to include_router().
+    route = scope.get("route")
+    method = scope["method"]
+    key = (
+        UNMATCHED if route is None else route.path,
+        method if method in METHODS else OTHER_METHOD,
+        status,
+    )
+    series = _series.get(key)
+    if series is None:
+        route_label, method_label, _ = key
+        series = _series[key] = (
+            REQUESTS.labels(route_label, method_label, str(status)),
+            LATENCY.labels(route_label, method_label),
+        )
+    series[0].inc()
+    series[1].observe(duration)

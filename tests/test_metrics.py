@@ -1,0 +1,214 @@
+"""Prometheus metrics of running generated services (issue 13): exact totals across gunicorn
+workers however they die, a bounded number of metric files, no series from unknown paths, the
+endpoint on its own port, and a real Prometheus server reading the totals back."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import secrets
+import string
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pytest_copier import CopierFixture
+
+from .helpers import COMBOS, free_port, started
+from .project import Project, project_for
+from .services import Service, http_request, serve
+
+# No dependency to serve: the metrics do not depend on them.
+COMBO = next(c for c in COMBOS if not (c.postgres or c.redis or c.sentry))
+ROUTE = "/api/v1/info"
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+# A line of Prometheus' text format: name, {labels}, value (label values are plain here).
+SAMPLE = re.compile(r"([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)")
+LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def scrape(svc: Service) -> Samples:
+    """Every sample the master's endpoint serves, keyed by name and labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{svc.metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            match = SAMPLE.fullmatch(line)
+            assert match, line
+            name, labels, value = match.groups()
+            samples[(name, tuple(sorted(LABEL.findall(labels or ""))))] = float(value)
+    return samples
+
+
+def route_total(samples: Samples) -> float:
+    return sum(
+        value
+        for (name, labels), value in samples.items()
+        if name == "http_requests_total" and ("route", ROUTE) in labels
+    )
+
+
+@pytest.fixture(scope="module")
+def project(copier_session: CopierFixture) -> Project:
+    project = project_for(copier_session, COMBO)
+    project.sync()
+    return project
+
+
+def service_env(directory: Path, **extra: str) -> dict[str, str | None]:
+    return {
+        "ENVIRONMENT": "production",
+        "SECRET_KEY": secrets.token_urlsafe(48),
+        "LOG_FORMAT": None,
+        "WEB_CONCURRENCY": "2",
+        "PROMETHEUS_MULTIPROC_DIR": str(directory),
+        **extra,
+    }
+
+
+def send(svc: Service, count: int) -> int:
+    """count requests to ROUTE, one connection each: returns how many got a 200. A request
+    counts once its response has ended: the worker records it before it closes the connection."""
+    ok = 0
+    for _ in range(count):
+        # OSError: a worker killed or recycled with this connection queued: never answered.
+        with contextlib.suppress(OSError):
+            ok += http_request(svc.port, "GET", ROUTE, timeout=10).status == 200
+    return ok
+
+
+@pytest.mark.boot
+@pytest.mark.xdist_group(COMBO.id)
+def test_totals_exact_across_recycles_and_kills(project: Project, tmp_path: Path) -> None:
+    """max_requests recycles a worker after 15 requests, and two workers are SIGKILLed: the
+    totals the master serves equal the responses received, never go backwards, and the metric
+    files stay as many as the live workers need plus one archive per type."""
+    directory = tmp_path / "metrics"
+    env = service_env(directory, GUNICORN_CMD_ARGS="--max-requests 15 --max-requests-jitter 0")
+    with serve(project, env, tmp_path, bind_via="cli") as svc:
+        svc.wait_for_workers(2)
+        sent, totals, most_files = 0, [], 0
+        for batch in range(12):
+            sent += send(svc, 40)
+            if batch in (3, 8):
+                svc.kill_serving_worker()
+            totals.append(route_total(scrape(svc)))
+            most_files = max(most_files, len(list(directory.iterdir())))
+        svc.wait_for_workers(2, startups=0)
+        samples = scrape(svc)
+        assert route_total(samples) == sent, (sent, totals)
+        assert totals == sorted(totals), f"a total went backwards: {totals}"
+        # Every worker booted after the first two replaced one that exited.
+        booted = sum(1 for line in svc.log_lines() if "Booting worker" in str(line.get("event")))
+        restarts = samples[("gunicorn_worker_restarts_total", ())]
+        # The two kills, and at least one recycle (480 requests, 15 per worker's life). How many
+        # more depends on timing (uvicorn checks the limit on its tick, and a replacement boots
+        # while the other worker serves everything): 4 to 9 seen, so only the floor is certain.
+        assert restarts == booted - 2 >= 3, (restarts, booted)
+        # Per live worker: a counter, a histogram and two gauge files; and two archives. A
+        # worker starting while another is reaped may briefly make it three sets.
+        assert most_files <= 3 * 4 + 2, sorted(p.name for p in directory.iterdir())
+        assert samples[("gunicorn_workers", ())] == 2
+        # Not on the service's port.
+        assert http_request(svc.port, "GET", "/metrics").status == 404
+
+
+@pytest.mark.boot
+@pytest.mark.xdist_group(COMBO.id)
+def test_a_scan_of_unknown_paths_adds_no_series(project: Project, tmp_path: Path) -> None:
+    with serve(project, service_env(tmp_path / "metrics"), tmp_path) as svc:
+        # One unknown path per method label: the series a scan could add, added once.
+        for method in ("GET", "POST", "PROPFIND"):  # PROPFIND: beyond the usual, "other"
+            assert http_request(svc.port, method, "/first-unknown").status in {404, 405}
+        time.sleep(0.6)  # the in-flight gauge is written within half a second
+        before = set(scrape(svc))
+        rng = random.Random(13)
+        for _ in range(1000):
+            path = "/" + "".join(rng.choices(string.ascii_lowercase + "/-.", k=rng.randint(1, 40)))
+            http_request(svc.port, rng.choice(["GET", "POST", "PROPFIND", "PURGE", "LOCK"]), path)
+        time.sleep(0.6)
+        assert set(scrape(svc)) == before
+
+
+# --------------------------------------------------------------------------- real Prometheus
+
+
+def prometheus_query(port: int, query: str) -> list[dict[str, object]]:
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": query})
+    with urllib.request.urlopen(url, timeout=10) as response:
+        body = json.loads(response.read())
+    assert body["status"] == "success", body
+    return body["data"]["result"]  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def prometheus(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """Debian's Prometheus server on a free port, scraping what `targets` lists every second."""
+    port = free_port()
+    targets = tmp_path / "targets.json"
+    targets.write_text("[]")
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        "  - job_name: my-service\n"
+        "    file_sd_configs: [{files: ['" + str(targets) + "'], refresh_interval: 1s}]\n"
+    )
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    cmd = [
+        "prometheus",
+        f"--config.file={config}",
+        f"--storage.tsdb.path={tmp_path / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+    with started(cmd, tmp_path, os.environ, tmp_path / "prometheus.log", ready, timeout=60):
+        yield port, targets
+
+
+@pytest.mark.drills
+@pytest.mark.xdist_group(COMBO.id)
+def test_prometheus_reads_exact_totals(
+    project: Project, tmp_path: Path, prometheus: tuple[int, Path]
+) -> None:
+    """A real Prometheus scraping a service of two workers, one SIGKILLed half-way: the total it
+    reads back is exactly the number of answered requests."""
+    port, targets = prometheus
+    with serve(project, service_env(tmp_path / "metrics"), tmp_path) as svc:
+        svc.wait_for_workers(2)
+        targets.write_text(json.dumps([{"targets": [f"127.0.0.1:{svc.metrics_port}"]}]))
+        query = f'sum(http_requests_total{{job="my-service",route="{ROUTE}"}})'
+        deadline = time.monotonic() + 30
+        while not prometheus_query(port, "up == 1"):
+            assert time.monotonic() < deadline, "Prometheus never scraped the service"
+            time.sleep(0.2)
+        sent = send(svc, 300)
+        svc.kill_serving_worker()
+        sent += send(svc, 300)
+        deadline = time.monotonic() + 20
+        seen: list[float] = []
+        while True:
+            result = prometheus_query(port, query)
+            seen.append(float(result[0]["value"][1]) if result else 0.0)  # type: ignore[index]
+            if seen[-1] == sent or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert seen[-1] == sent, (sent, seen)
+        # Never backwards as Prometheus saw it: no counter reset across the kill.
+        resets = prometheus_query(port, f"resets(http_requests_total{{route='{ROUTE}'}}[5m])")
+        assert all(float(r["value"][1]) == 0 for r in resets), resets  # type: ignore[index]
