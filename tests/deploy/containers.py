@@ -21,7 +21,7 @@ import pytest
 from ..containers import standins
 from ..containers.engines import Docker, Podman
 from ..helpers import ROOT, python_for, run
-from .support import Generated, uv
+from .support import RELEASE, Generated, parse_env_file, uv
 
 # Every container test runs in one xdist worker: one Docker daemon, one builder at a time (a
 # build takes both cores anyway).
@@ -42,9 +42,29 @@ def buildable(project: Generated, dst: Path) -> Generated:
     return copy
 
 
-def image_name(project: Generated) -> str:
-    """The image compose.yaml names (`image: <slug>:latest`), as Docker stores it."""
-    return standins.qualified(f"{project.slug}:latest")
+# The owner a server writes into APP_IMAGE in place of .env.example's OWNER (deploy/README.md,
+# "Settings and secrets"): image names are lower case, OWNER itself is not a valid one.
+OWNER = "your-org"
+
+
+def release_image(project: Generated) -> str:
+    """The image compose.yaml runs, ${APP_IMAGE}:${APP_TAG}, for a release as the deploy guide
+    sets it (APP_IMAGE with an owner, APP_TAG a sha tag): the name CI pushes, which the suite's
+    builds take instead, since no registry is reachable."""
+    app_image = parse_env_file(project.read(".env.example"))["APP_IMAGE"]
+    assert "/OWNER/" in app_image, app_image
+    return f"{app_image.replace('/OWNER/', f'/{OWNER}/')}:{RELEASE}"
+
+
+def set_release(project: Generated) -> None:
+    """APP_IMAGE and APP_TAG in the project's .env set to release_image, as a server sets them
+    before `docker compose up` (the rest of .env as the task made it)."""
+    env = project.path / ".env"
+    image, _, tag = release_image(project).rpartition(":")
+    text, found = re.subn(r"(?m)^APP_IMAGE=.*$", f"APP_IMAGE={image}", env.read_text())
+    text, found_tag = re.subn(r"(?m)^APP_TAG=.*$", f"APP_TAG={tag}", text)
+    assert found == found_tag == 1, "the task's .env has no APP_IMAGE or APP_TAG line"
+    env.write_text(text)
 
 
 @dataclass

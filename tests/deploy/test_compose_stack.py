@@ -1,6 +1,8 @@
 """The compose stack brought up for real (the `containers` tier): the all-features docker project's
-compose.yaml and the .env its task made, on a Docker daemon of the suite's own, with the image
-podman built from the generated Dockerfile and the stand-ins of tests/containers.
+compose.yaml and the .env its task made, with the release set in it as the deploy guide sets it
+(APP_IMAGE, APP_TAG), on a Docker daemon of the suite's own; the image of that name is the one
+podman built from the generated Dockerfile (no registry to pull it from), the other services'
+are the stand-ins of tests/containers.
 
 One override file changes what only the host decides: nginx's published ports (free loopback
 ports instead of 80/443), where the certificate and the ACME directory come from (a throwaway
@@ -31,8 +33,9 @@ from .containers import (
     SLOW_COMMAND,
     build,
     buildable,
-    image_name,
+    release_image,
     report,
+    set_release,
     slow_app_dir,
     wait_until,
 )
@@ -176,7 +179,10 @@ def test_compose_stack(
     the data; `stop` drains the app's in-flight requests and every service exits 0."""
     project = buildable(generated(ALL_ENABLED["docker"]), tmp_path / "project")
     assert (project.path / ".env").exists(), "the copy task makes .env"
-    image = image_name(project)
+    # The release, as a server sets it; the image CI would have pushed is built here instead,
+    # under its name, and loaded into Docker (compose never pulls or builds it).
+    set_release(project)
+    image = release_image(project)
     build(podman, project, image)
     services = yaml.safe_load(project.read("compose.yaml"))["services"]
     assert set(services) == set(INTENDED)

@@ -32,8 +32,8 @@ from .containers import (
     buildable,
     fresh_dir,
     health,
-    image_name,
     logs,
+    release_image,
     report,
     slow_app_dir,
     state,
@@ -139,7 +139,7 @@ def test_image(
     tmp_path: Path,
 ) -> None:
     project = buildable(generated(combo), tmp_path / "project")
-    image = image_name(project)
+    image = release_image(project)
     figures: dict[str, Any] = {"python": combo.python_version, "combo": combo.id}
 
     # ------------------------------------------------ cold build, and what the service adds

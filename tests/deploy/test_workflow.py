@@ -100,6 +100,9 @@ def check_image_probe(image: dict[str, Any], combo: Combo) -> None:
     }
     env = steps[probe]["env"]
     assert ("DATABASE_URL" in env) == combo.postgres and ("REDIS_URL" in env) == combo.redis
+    # On the runner's own network (--network host): loopback, not the image's 0.0.0.0.
+    for name in ("BIND", "METRICS_BIND"):
+        assert env[name].startswith("127.0.0.1:") and f"-e {name} " in script, name
     builds = [i for i, s in enumerate(steps) if "build-push-action" in s.get("uses", "")]
     assert builds[0] < probe and steps[builds[0]]["with"]["load"] is True
     pushing = [
