@@ -134,8 +134,14 @@ def build_image(project: Generated) -> Image:
         if ins != "COPY":
             continue
         parts = args.split()
+        if parts[0] == "--from=builder":
+            # The service's own files, moved out of the builder's virtualenv: the sync below
+            # installs them where this copies them.
+            assert parts[1] == "/service" and parts[2].startswith(f"{workdir}/.venv/"), args
+            continue
         if parts[0].startswith("--from="):
-            # The builder stage's virtualenv, made as the builder makes it.
+            # The dependencies' virtualenv and the service, made as the builder stages make
+            # them.
             assert parts[1:] == [f"{workdir}/.venv", f"{workdir}/.venv"], args
             run(
                 [
