@@ -50,16 +50,14 @@ def test_dockerfile_structure(generated: Callable[[Combo], Generated], combo: Co
     instructions = dockerfile_instructions(project.read("Dockerfile"))
     froms = [i for i, (ins, _) in enumerate(instructions) if ins == "FROM"]
     stages = [instructions[i][1].split()[-1] for i in froms]
-    assert stages == ["uv", "dependencies", "builder", "runtime"], stages
-    assert instructions[froms[2]][1] == "dependencies AS builder"
+    assert stages == ["uv", "dependencies", "service", "runtime"], stages
     runtime = instructions[froms[-1] :]
     dependencies = " ".join(a for i, a in instructions[froms[1] : froms[2]] if i == "RUN")
     assert "uv sync --locked --no-dev --no-install-project" in dependencies
     assert "--mount=type=bind,source=uv.lock" in dependencies
     assert "strip --strip-unneeded" in dependencies
     service = " ".join(a for i, a in instructions[froms[2] : froms[3]] if i == "RUN")
-    assert "uv sync --locked --no-dev --no-editable" in service
-    assert "UV_COMPILE_BYTECODE=0" in service and "compileall" in service
+    assert "uv pip install --no-deps --target /service ." in service
     assert any("UV_COMPILE_BYTECODE=1" in a for i, a in instructions if i == "ENV")
     # The runtime stage: no uv, no build tools, no source tree.
     runtime_text = " ".join(a for _, a in runtime)
@@ -70,7 +68,7 @@ def test_dockerfile_structure(generated: Callable[[Combo], Generated], combo: Co
     if combo.postgres:
         expected += ["alembic.ini ./", "migrations ./migrations"]
     site_packages = f"/app/.venv/lib/python{combo.python_version}/site-packages/"
-    expected.append(f"--from=builder /service {site_packages}")
+    expected.append(f"--from=service /service {site_packages}")
     assert copies == expected
     assert runtime[-1] == ("COPY", expected[-1]), "the service's files are not the last layer"
     users = [a for i, a in runtime if i == "USER"]
