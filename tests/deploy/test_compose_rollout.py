@@ -160,6 +160,8 @@ def test_compose_rollout(
             assert proc.returncode == 0, output
             assert len(after) == 1 and after != before, (before, after, output)
             assert before[0] not in docker("ps", "--all", "--quiet", "--no-trunc").stdout
+            # The old container drained and exited 0 (gunicorn's graceful stop).
+            assert re.search(r" exited 0$", output, re.M), output
         else:
             assert proc.returncode == 1, output
             assert after == before, (before, after, output)
@@ -185,6 +187,11 @@ def test_compose_rollout(
         figures["up_to_healthy_s"] = round(up(docker, project.path, files), 1)
         old_version = version()
         assert old_version != "2.0.0"
+        # The rollout's `docker stop` waits as long as `compose stop` would: compose gave the
+        # container its stop_grace_period.
+        (container,) = app_containers(docker, project.path, files)
+        grace = docker("inspect", "--format", "{{.Config.StopTimeout}}", container).stdout
+        assert f"{int(grace)}s" == services["app"]["stop_grace_period"], grace
 
         figures["restart"] = rollout("restart", succeeds=True)
         assert version() == old_version
