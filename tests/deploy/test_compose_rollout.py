@@ -2,7 +2,8 @@
 project's stack, brought up as tests/deploy/test_compose_stack.py brings it up, under steady load
 through the real nginx over HTTPS while the generated deploy/rollout.sh restarts the app (the same
 tag), is refused a release that cannot start, and deploys a new one (another tag, built from
-changed source).
+changed source); and that the same load tells: a deploy by `docker compose up -d`, as the guide
+had it before, loses requests.
 
 One more override than the stack test's: the app's health check every second. compose.yaml's
 `start_interval: 1s` does that while a container starts, on Docker Engine 25 and later; Debian's
@@ -29,7 +30,7 @@ from ..containers import standins
 from ..containers.engines import Docker, Podman, _compose, _which
 from ..helpers import ALL_ENABLED, ROOT, Combo
 from .containers import MARKS, build, buildable, release_image, report, set_release
-from .support import Generated
+from .support import RELEASE, Generated
 from .test_compose_stack import NAME, call, client, compose_logs, override, up
 
 pytestmark = MARKS
@@ -140,19 +141,21 @@ def test_compose_rollout(
             assert answer.status_code == 200, answer.text
             return str(answer.json()["version"])
 
-    def rollout(step: str, succeeds: bool) -> dict[str, Any]:
-        """deploy/rollout.sh under load (from a second before to a second after it)."""
-        before = app_containers(docker, project.path, files)
-        assert len(before) == 1, before
+    def under_load(command: list[str]) -> tuple[subprocess.CompletedProcess[str], float, Any]:
+        """command run under load (from a second before to a second after it)."""
         with load(https_port, project.domain, certificate, tmp_path) as finish:
             time.sleep(1)
             started = time.monotonic()
-            proc = subprocess.run(
-                [str(script)], env=env, capture_output=True, text=True, timeout=600
-            )
+            proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
             took = time.monotonic() - started
             time.sleep(1)
-            stats = finish()
+            return proc, took, finish()
+
+    def rollout(step: str, succeeds: bool) -> dict[str, Any]:
+        """deploy/rollout.sh under load."""
+        before = app_containers(docker, project.path, files)
+        assert len(before) == 1, before
+        proc, took, stats = under_load([str(script)])
         after = app_containers(docker, project.path, files)
         output = proc.stdout + proc.stderr
         sys.stderr.write(f"rollout.sh ({step}):\n{output}\n")
@@ -208,6 +211,21 @@ def test_compose_rollout(
         set_tag(project, NEXT)
         figures["deploy"] = rollout("deploy", succeeds=True)
         assert version() == "2.0.0"
+
+        # What the guide said before: a deploy (back to the first tag) by `docker compose up -d`,
+        # which stops the app before its replacement serves and restarts nginx. It loses
+        # requests: the load above tells a rollout that does from one that does not.
+        set_tag(project, RELEASE)
+        proc, took, stats = under_load(["docker", "compose", "up", "--detach"])
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert version() == old_version
+        figures["compose_up"] = {
+            "seconds": round(took, 1),
+            "requests": stats["sent"],
+            "failed": stats["failed"],
+            "reasons": stats["reasons"],
+        }
+        assert stats["failed"] > 0, stats
     finally:
         logs = compose_logs(docker, project.path, files)
         docker.compose(project.path, files, NAME, "down", "--volumes", check=False)
