@@ -74,21 +74,28 @@ class Build:
 
     def steps(self) -> list[tuple[str, bool, str, str]]:
         """(instruction, taken from the cache, resulting layer id, what the step printed) for
-        each build step."""
+        each build step. podman builds a stage when a later one first needs it (a `COPY
+        --from`), so a step's output can enclose a whole other stage's: steps are kept on a
+        stack, a `--> <id>` line ends the innermost one, and a step that never ends (a FROM) is
+        replaced by the next step of its own stage."""
         out: list[tuple[str, bool, str, str]] = []
-        current: str | None = None
-        cached = False
-        printed: list[str] = []
+        # (stage, instruction, cached, printed lines)
+        open_steps: list[tuple[str, str, bool, list[str]]] = []
         for line in self.output.splitlines():
-            if match := re.match(r"\[\d+/\d+\] STEP \d+/\d+: (.*)", line):
-                current, cached, printed = match.group(1), False, []
-            elif current is not None and line.startswith("--> Using cache "):
-                cached = True
-            elif current is not None and (match := re.fullmatch(r"--> ([0-9a-f]{6,})", line)):
-                out.append((current, cached, match.group(1), "\n".join(printed)))
-                current = None
-            elif current is not None:
-                printed.append(line)
+            if match := re.match(r"(\[\d+/\d+\]) STEP \d+/\d+: (.*)", line):
+                if open_steps and open_steps[-1][0] == match.group(1):
+                    open_steps.pop()
+                open_steps.append((match.group(1), match.group(2), False, []))
+            elif not open_steps:
+                continue
+            elif line.startswith("--> Using cache "):
+                stage, text, _, printed = open_steps[-1]
+                open_steps[-1] = (stage, text, True, printed)
+            elif match := re.fullmatch(r"--> ([0-9a-f]{6,})", line):
+                _, text, cached, printed = open_steps.pop()
+                out.append((text, cached, match.group(1), "\n".join(printed)))
+            else:
+                open_steps[-1][3].append(line)
         return out
 
     def step(self, fragment: str) -> tuple[bool, str, str]:

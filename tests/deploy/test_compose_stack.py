@@ -149,20 +149,23 @@ def call(
 
 
 # A client of the app on the compose network, in a container of its own (compose stop leaves it
-# alone): slow requests straight to app:8000, each status printed as one JSON line.
+# alone): slow requests straight to app:8000; once all have answered, each status printed as one
+# JSON line (threads printing as they finish interleave their lines).
 DRAIN_CLIENT = """\
 import json, sys, threading, urllib.request
+answers = []
 def call(i):
     r = urllib.request.Request("http://app:8000/api/v1/test/slow?seconds=%s" % sys.argv[1],
                                headers={"Host": sys.argv[3]})
     try:
         with urllib.request.urlopen(r, timeout=60) as answer:
-            print(json.dumps({"status": answer.status}), flush=True)
+            answers.append({"status": answer.status})
     except Exception as exc:
-        print(json.dumps({"error": repr(exc)}), flush=True)
+        answers.append({"error": repr(exc)})
 threads = [threading.Thread(target=call, args=(i,)) for i in range(int(sys.argv[2]))]
 [t.start() for t in threads]
 [t.join() for t in threads]
+print("\\n".join(json.dumps(a) for a in answers), flush=True)
 """
 
 

@@ -60,6 +60,23 @@ FAST_HEALTH = [
 ]
 MB = 1_000_000
 
+# Prints the package's modules whose bytecode is missing or would not be used: a timestamp pyc
+# whose recorded source mtime and size differ from the source's (as importlib checks).
+STALE_BYTECODE = """\
+import importlib.util, pathlib, {package} as package
+stale = []
+for source in sorted(pathlib.Path(package.__file__).parent.rglob("*.py")):
+    cached = pathlib.Path(importlib.util.cache_from_source(str(source)))
+    head = cached.read_bytes()[:16] if cached.exists() else b""
+    st = source.stat()
+    if head[4:8] != bytes(4) or head[8:16] != (
+        (int(st.st_mtime) & 0xFFFFFFFF).to_bytes(4, "little")
+        + (st.st_size & 0xFFFFFFFF).to_bytes(4, "little")
+    ):
+        stale.append(str(source))
+print(stale)
+"""
+
 
 def params() -> list[Any]:
     """For each Python version, the docker combination with the most features (the largest
@@ -161,6 +178,13 @@ def test_image(
         "run", "--rm", "--network=none", "--entrypoint=sh", image, "-c",
         "ls /usr/local/bin; ls -A /app; ls -A /root/.cache 2>&1; id -u",
     ).stdout  # fmt: skip
+    # The service's bytecode, compiled in the builder, is what its modules load (the root file
+    # system is read-only: Python could not write it at run time).
+    stale = podman(
+        "run", "--rm", "--network=none", "--entrypoint=python", image, "-c",
+        STALE_BYTECODE.format(package=project.package),
+    ).stdout.strip()  # fmt: skip
+    assert stale == "[]", stale
     assert "uv" not in listing.split(), listing
     app_files = {"gunicorn.conf.py", ".venv"} | (
         {"alembic.ini", "migrations"} if combo.postgres else set()
@@ -177,8 +201,11 @@ def test_image(
     cached, _, printed = rebuilt.step("--no-install-project")
     assert cached and "Installed" not in printed, rebuilt.output[-4000:]
     assert rebuilt.step("COPY src ./src")[0] is False
-    cached, _, printed = rebuilt.step("--no-editable")
+    cached, _, printed = rebuilt.step("--target /service")
     assert not cached and "Installed 1 package" in printed, printed
+    # In the runtime stage too: the virtualenv's layer is reused, the service's is new.
+    assert rebuilt.step("COPY --from=dependencies")[0] is True, rebuilt.output[-8000:]
+    assert rebuilt.step("COPY --from=service /service")[0] is False, rebuilt.output[-8000:]
     figures |= {
         "rebuild_s": round(rebuilt.seconds, 1),
         "rebuild_ratio": round(rebuilt.seconds / cold.seconds, 2),
