@@ -85,14 +85,17 @@ def dst(tmp_path: Path) -> Path:
 
 # ---------------------------------------------------------------- time per tier
 
-TIERS = ("generate", "lint", "project", "boot", "deploy", "update", "drills")
+TIERS = ("generate", "lint", "project", "boot", "deploy", "update", "drills", "containers")
 _tier_seconds = dict.fromkeys(TIERS, 0.0)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     """Setup, call and teardown of every test, added to each tier it is marked with (under
     xdist the reports reach the controller, so this sees every worker's tests)."""
-    for tier in TIERS:
+    # Keywords include directory names: the containers modules live in tests/deploy/ and are
+    # counted as containers only.
+    tiers = ["containers"] if "containers" in report.keywords else TIERS
+    for tier in tiers:
         if tier in report.keywords:
             _tier_seconds[tier] += report.duration
 

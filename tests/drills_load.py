@@ -12,7 +12,8 @@ does for its upstream keep-alive connections; those are reported apart (`lost_in
 
 With --stop-file PATH it stops as soon as that file exists (--seconds is then an upper bound):
 for a drill whose end is an event, not a duration. --host sets the Host header (a balancer in
-front may route on it, the service checks it).
+front may route on it, the service checks it). --tls-ca FILE speaks HTTPS, trusting that
+certificate alone, with the Host as the server name (SNI): for load through nginx's TLS site.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import asyncio
 import collections
 import json
 import pathlib
+import ssl
 import time
 
 
@@ -79,6 +81,9 @@ async def connection(
     request = (
         f"GET {args.path} HTTP/1.1\r\nHost: {args.host}\r\nUser-Agent: drills-load\r\n\r\n"
     ).encode()
+    tls: dict[str, object] = {}
+    if args.tls_ca:
+        tls = {"ssl": ssl.create_default_context(cafile=args.tls_ca), "server_hostname": args.host}
     writer: asyncio.StreamWriter | None = None
     reader: asyncio.StreamReader | None = None
     answered_on_connection = 0
@@ -86,7 +91,7 @@ async def connection(
     while time.monotonic() < deadline.end or retrying:
         if writer is None:
             try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", args.port)
+                reader, writer = await asyncio.open_connection("127.0.0.1", args.port, **tls)
                 stats.connects += 1
                 answered_on_connection = 0
             except OSError as exc:
@@ -179,6 +184,7 @@ if __name__ == "__main__":
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--timeout", type=float, default=10)
     parser.add_argument("--stop-file", help="stop once this file exists")
+    parser.add_argument("--tls-ca", help="HTTPS, trusting this certificate (PEM) alone")
     parser.add_argument(
         "--no-retry",
         dest="retry",

@@ -41,6 +41,7 @@ DEPLOYMENT_FILES = {
         "compose.yaml",
         "compose.build.yaml",
         "deploy/nginx/my-service.conf",
+        "deploy/rollout.sh",
     ],
     "systemd": [
         "deploy/systemd/my-service.service",

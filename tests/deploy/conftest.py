@@ -1,14 +1,16 @@
-"""Fixtures of the deploy modules: the renderings and throwaway certificates, shared per session."""
+"""Fixtures of the deploy modules: the renderings, throwaway certificates and the container
+engines, shared per session."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 from pytest_copier import CopierFixture
 
+from ..containers.engines import Docker, Podman, docker_daemon
 from ..helpers import Combo, render, run
 from .support import Generated, tool
 
@@ -68,3 +70,19 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Pa
         return cache[domain]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def podman() -> Iterator[Podman]:
+    """podman with the suite's configuration and image store (the `containers` tier). At the
+    end, the layers of this session's builds go (every run builds anew; the stand-ins stay)."""
+    engine = Podman.create()
+    yield engine
+    engine("image", "prune", "--force", check=False, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def docker() -> Iterator[Docker]:
+    """A Docker daemon of this session's own, stopped (its containers removed) at the end."""
+    with docker_daemon() as daemon:
+        yield daemon

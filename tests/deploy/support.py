@@ -29,6 +29,11 @@ KUBERNETES = [c for c in COMBOS if c.deployment == "kubernetes"]
 IMAGE = DOCKER + KUBERNETES
 NGINX = DOCKER + SYSTEMD
 
+# The release a server sets in .env before its first start (deploy/README.md, "Start"), as CI
+# tags it: sha-<full commit hash>. .env.example leaves APP_TAG empty, so that no compose command
+# runs an image nobody chose.
+RELEASE = "sha-" + "0123456789abcdef" * 2 + "01234567"
+
 
 def params(combos: list[Combo]) -> list[Any]:
     """One param per combination, grouped so that a single xdist worker renders each one."""

@@ -18,6 +18,7 @@ import yaml
 from ..helpers import ALL_ENABLED, Combo, free_port, run, started
 from .support import (
     DOCKER,
+    RELEASE,
     Generated,
     check,
     check_jsonschema,
@@ -34,11 +35,6 @@ def compose_config(project: Path) -> dict[str, Any]:
     """`docker-compose config` as JSON (interpolated, anchors merged)."""
     proc = check([tool("docker-compose"), "config", "--format", "json"], cwd=project, quiet=False)
     return dict(json.loads(proc.stdout))
-
-
-# The release a server sets in .env before its first start (deploy/README.md, "Start"):
-# .env.example leaves APP_TAG empty, so that no compose command runs an image nobody chose.
-RELEASE = "sha-" + "0123456789abcdef" * 2 + "01234567"
 
 
 def with_example_env(project: Generated, dst: Path) -> Generated:

@@ -42,27 +42,35 @@ def test_dockerfile_hadolint(generated: Callable[[Combo], Generated], combo: Com
 
 @pytest.mark.parametrize("combo", params(IMAGE))
 def test_dockerfile_structure(generated: Callable[[Combo], Generated], combo: Combo) -> None:
-    """Multi-stage with uv, dependencies in their own locked layer, a numeric non-root user,
-    only the virtualenv and run-time files in the final stage, gunicorn in exec form."""
+    """Multi-stage with uv: the dependencies in their own locked stage and layer (extension
+    modules stripped), the service in a stage of its own; a numeric non-root user; only the
+    virtualenv and run-time files in the final stage, the service's own files last (a change to
+    the code ships one small layer); gunicorn in exec form."""
     project = generated(combo)
     instructions = dockerfile_instructions(project.read("Dockerfile"))
     froms = [i for i, (ins, _) in enumerate(instructions) if ins == "FROM"]
-    assert len(froms) == 3  # uv, builder, runtime
+    stages = [instructions[i][1].split()[-1] for i in froms]
+    assert stages == ["uv", "dependencies", "service", "runtime"], stages
     runtime = instructions[froms[-1] :]
-    runs = [args for ins, args in instructions if ins == "RUN"]
-    assert "uv sync --locked --no-dev --no-install-project" in runs[0]
-    assert "--mount=type=bind,source=uv.lock" in runs[0]
-    assert any("uv sync --locked --no-dev --no-editable" in r for r in runs[1:])
+    dependencies = " ".join(a for i, a in instructions[froms[1] : froms[2]] if i == "RUN")
+    assert "uv sync --locked --no-dev --no-install-project" in dependencies
+    assert "--mount=type=bind,source=uv.lock" in dependencies
+    assert "strip --strip-unneeded" in dependencies
+    service = " ".join(a for i, a in instructions[froms[2] : froms[3]] if i == "RUN")
+    assert "uv pip install --no-deps --target /service ." in service
     assert any("UV_COMPILE_BYTECODE=1" in a for i, a in instructions if i == "ENV")
     # The runtime stage: no uv, no build tools, no source tree.
     runtime_text = " ".join(a for _, a in runtime)
     for absent in ("uv sync", "apt-get", "build-essential", "gcc", "COPY src", "--from=uv"):
         assert absent not in runtime_text
     copies = [a for i, a in runtime if i == "COPY"]
-    expected = ["--from=builder /app/.venv /app/.venv", "gunicorn.conf.py ./"]
+    expected = ["--from=dependencies /app/.venv /app/.venv", "gunicorn.conf.py ./"]
     if combo.postgres:
         expected += ["alembic.ini ./", "migrations ./migrations"]
+    site_packages = f"/app/.venv/lib/python{combo.python_version}/site-packages/"
+    expected.append(f"--from=service /service {site_packages}")
     assert copies == expected
+    assert runtime[-1] == ("COPY", expected[-1]), "the service's files are not the last layer"
     users = [a for i, a in runtime if i == "USER"]
     assert users and re.fullmatch(r"[1-9]\d*:[1-9]\d*", users[-1]), users
     assert ("CMD", '["gunicorn", "-c", "gunicorn.conf.py"]') in runtime

@@ -153,19 +153,31 @@ def test_deploy_guide(
 def check_docker_releases(script: str, project: Generated, tmp_path: Path) -> None:
     """Issue 16: the server pulls the release CI pushed, by its sha tag, and never builds: the
     first start and every update set APP_TAG to the commit checked out, then pull, then start;
-    a rollback sets the previous tag. The guide's own sed lines, run on .env.example, leave the
-    tag compose interpolates."""
+    a rollback sets the previous tag. The first start is `docker compose up -d`; an update and
+    a rollback are deploy/rollout.sh (never `up -d` or `restart`: both stop the app before its
+    replacement serves), with the migrations run before an update's rollout only. The guide's
+    own sed lines, run on .env.example, leave the tag compose interpolates."""
     assert "--build" not in script and "docker compose build" not in script
     assert "APP_TAG=latest" not in script
+    assert "docker compose restart" not in script
     lines = script.splitlines()
     sets = [i for i, line in enumerate(lines) if "s|^APP_TAG=.*|APP_TAG=sha-" in line]
     assert len(sets) == 3, "first start, update and rollback each set the tag"
-    for i in sets:
+    starts_by_set = ("docker compose up -d", "deploy/rollout.sh", "deploy/rollout.sh")
+    for i, start in zip(sets, starts_by_set, strict=True):
         following = lines[i + 1 : i + 6]
-        assert any(line.startswith("docker compose pull") for line in following), following
-        ups = [n for n, line in enumerate(following) if line.startswith("docker compose up -d")]
+        starts = [n for n, line in enumerate(following) if line.startswith(start)]
         pulls = [n for n, line in enumerate(following) if line.startswith("docker compose pull")]
-        assert ups and pulls and pulls[0] < ups[0], following
+        assert starts and pulls and pulls[0] < starts[0], following
+        if start == "deploy/rollout.sh":
+            assert not any(line.startswith("docker compose up") for line in following), following
+        migrations = [n for n, line in enumerate(following) if "compose run --rm migrate" in line]
+        if project.combo.postgres and i == sets[1]:
+            assert migrations and pulls[0] < migrations[0] < starts[0], following
+        else:
+            assert not migrations, following
+    rollout = project.path / "deploy" / "rollout.sh"
+    check(["bash", "-n", str(rollout)])
     repo = tmp_path / "checkout"
     repo.mkdir()
     run(["git", "init", "-q"], cwd=repo)
@@ -175,11 +187,6 @@ def check_docker_releases(script: str, project: Generated, tmp_path: Path) -> No
         (repo / ".env").write_text(project.read(".env.example"))
         run(["bash", "-euc", lines[i]], cwd=repo)
         assert parse_env_file((repo / ".env").read_text())["APP_TAG"] == expected
-    if project.combo.postgres:
-        # The previous release's migrate step would fail on the newer schema: not run.
-        rollback = "\n".join(lines[sets[2] : sets[2] + 6])
-        assert "docker compose up -d --no-deps app" in rollback, rollback
-        assert "exec -T nginx nginx -s reload" in rollback
 
 
 def guide_script(project: Generated) -> str:

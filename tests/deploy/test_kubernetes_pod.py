@@ -111,7 +111,8 @@ def build_image(project: Generated) -> Image:
     last_from = max(i for i, (ins, _) in enumerate(instructions) if ins == "FROM")
     runtime = instructions[last_from:]
     (workdir,) = [a for i, a in runtime if i == "WORKDIR"]
-    assert "uv sync --locked --no-dev --no-editable" in dockerfile, "the builder's sync changed"
+    assert "uv sync --locked --no-dev --no-install-project" in dockerfile, "the builder changed"
+    assert "uv pip install --no-deps --target /service ." in dockerfile, "the builder changed"
 
     for parent in (IMAGE_PARENT, *IMAGE_PARENT.parents):
         if not parent.stat().st_mode & stat.S_IXOTH:
@@ -134,8 +135,14 @@ def build_image(project: Generated) -> Image:
         if ins != "COPY":
             continue
         parts = args.split()
+        if parts[0] == "--from=service":
+            # The service's own files, installed by the build stage into /service: the sync
+            # below installs them where this copies them.
+            assert parts[1] == "/service" and parts[2].startswith(f"{workdir}/.venv/"), args
+            continue
         if parts[0].startswith("--from="):
-            # The builder stage's virtualenv, made as the builder makes it.
+            # The dependencies' virtualenv and the service, made as the builder stages make
+            # them.
             assert parts[1:] == [f"{workdir}/.venv", f"{workdir}/.venv"], args
             run(
                 [

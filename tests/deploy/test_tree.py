@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +49,9 @@ def test_artifacts_follow_the_answers(
         assert (project.path / name).exists() == (docker or kubernetes), name
     assert (project.path / "compose.yaml").exists() == docker
     assert (project.path / "compose.build.yaml").exists() == docker
+    rollout = project.path / "deploy" / "rollout.sh"
+    assert rollout.exists() == docker
+    assert not docker or os.access(rollout, os.X_OK), "deploy/rollout.sh is executable"
     assert (project.path / "deploy" / "systemd").exists() == systemd
     assert project.unit.exists() == systemd
     assert project.nginx_conf.exists() == (not kubernetes)
@@ -62,8 +66,12 @@ def test_artifacts_follow_the_answers(
     for path in artifacts(project):
         text = path.read_text()
         lower = text.lower()
-        # GitHub's ${{ }} and metadata-action's {{is_default_branch}} are not Jinja.
-        leftover = re.sub(r"\$\{\{.*?\}\}|\{\{is_default_branch\}\}", "", text)
+        # GitHub's ${{ }}, metadata-action's {{is_default_branch}} and the Go templates of
+        # rollout.sh's `docker inspect --format` ({{.Field}}: no space inside the braces, where
+        # the template's own expressions have one) are not Jinja.
+        leftover = re.sub(
+            r"\$\{\{.*?\}\}|\{\{is_default_branch\}\}|\{\{(?! )[^{}\n]*(?<! )\}\}", "", text
+        )
         assert not re.search(r"\{\{|\}\}|\{%|%\}|\{#|#\}", leftover), f"Jinja left in {path}"
         for feature, words in FEATURE_WORDS.items():
             if not getattr(combo, feature):
@@ -78,6 +86,7 @@ def test_artifacts_follow_the_answers(
         assert f"/etc/letsencrypt/live/{project.domain}/fullchain.pem" in conf
     if docker or kubernetes:
         dockerfile = project.read("Dockerfile")
-        assert dockerfile.count(f"FROM python:{combo.python_version}-slim AS") == 2
+        # The dependencies', the service's and the runtime stage.
+        assert dockerfile.count(f"FROM python:{combo.python_version}-slim AS") == 3
     if docker:
         assert f"name: {project.slug}" in project.read("compose.yaml")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -81,6 +82,36 @@ def test_workflow(generated: Callable[[Combo], Generated], combo: Combo) -> None
         assert image["permissions"] == {"contents": "read", "packages": "write"}
         assert set(image["needs"]) == {"lint", "types", "test"}
         assert "default_branch" in image["env"]["PUSH"]
+        check_image_probe(image, combo)
+
+
+def check_image_probe(image: dict[str, Any], combo: Combo) -> None:
+    """The image job starts the image it built, hardened as compose runs it, and probes
+    /health/ready (against service containers for the enabled dependencies) before any step
+    that logs in or pushes; those run on the default branch only."""
+    steps = image["steps"]
+    (probe,) = [i for i, s in enumerate(steps) if "/health/ready" in s.get("run", "")]
+    script = steps[probe]["run"]
+    for option in ("--read-only", "--tmpfs /tmp", "--cap-drop ALL", "--detach"):
+        assert option in script, option
+    assert ("alembic upgrade head" in script) == combo.postgres
+    assert set(image.get("services", {})) == {
+        n for n, on in (("postgres", combo.postgres), ("redis", combo.redis)) if on
+    }
+    env = steps[probe]["env"]
+    assert ("DATABASE_URL" in env) == combo.postgres and ("REDIS_URL" in env) == combo.redis
+    # On the runner's own network (--network host): loopback, not the image's 0.0.0.0.
+    for name in ("BIND", "METRICS_BIND"):
+        assert env[name].startswith("127.0.0.1:") and f"-e {name} " in script, name
+    builds = [i for i, s in enumerate(steps) if "build-push-action" in s.get("uses", "")]
+    assert builds[0] < probe and steps[builds[0]]["with"]["load"] is True
+    pushing = [
+        i
+        for i, s in enumerate(steps)
+        if "login-action" in s.get("uses", "") or s.get("with", {}).get("push") is True
+    ]
+    assert pushing and min(pushing) > probe, "nothing is pushed before the probe"
+    assert all(steps[i]["if"] == "env.PUSH == 'true'" for i in pushing)
 
 
 def test_workflow_checks_fail_on_broken_copies(
@@ -94,6 +125,15 @@ def test_workflow_checks_fail_on_broken_copies(
     workflow.write_text(text.replace("actions/checkout@v7", "actions/checkout@v4"))
     with pytest.raises(AssertionError, match="node20"):
         check_actionlint(workflow)
+
+    # An image pushed before it was probed.
+    ci = yaml.safe_load(text)
+    steps = ci["jobs"]["image"]["steps"]
+    probe = next(s for s in steps if "/health/ready" in s.get("run", ""))
+    steps.remove(probe)
+    steps.append(probe)
+    with pytest.raises(AssertionError, match="nothing is pushed before the probe"):
+        check_image_probe(ci["jobs"]["image"], DOCKER[0])
 
     # A permission level that does not exist.
     workflow.write_text(text.replace("  contents: read\n", "  contents: readwrite\n", 1))
