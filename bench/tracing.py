@@ -5,8 +5,8 @@ one run; writes bench/tracing.json and prints the figures (bench/RESULTS.md, "Tr
   own server span unsampled and sampled against tracing off, and against the stock
   opentelemetry-instrumentation-asgi middleware and FastAPI's native telemetry, same provider.
 - Worker start (gunicorn start to the first 200 from /health/ready, one worker) and worker
-  memory after 2,000 sampled requests, tracing off (no endpoint) and on (exporting to a loopback
-  sink that answers 200), interleaved.
+  memory after 2,000 sampled requests: a project without tracing (tracing=false), and one with
+  it, off (no endpoint) and on (exporting to a loopback sink that answers 200), interleaved.
 Figures only: nothing fails on a timing.
 """
 
@@ -76,12 +76,16 @@ def service_env(endpoint: str | None) -> dict[str, str]:
     return env
 
 
-def start_and_memory(project: Path, endpoint: str, runs: int, logs: Path) -> dict[str, Any]:
+def start_and_memory(
+    variants: dict[str, tuple[Path, str | None]], runs: int, logs: Path
+) -> dict[str, Any]:
+    """Each variant (a project, an OTLP endpoint or None) started `runs` times, interleaved."""
     results: dict[str, dict[str, list[float]]] = {
-        label: {"start": [], "rss": [], "pss": []} for label in ("off", "on")
+        label: {"start": [], "rss": [], "pss": []} for label in variants
     }
     for i in range(runs + 1):
-        for label, env in (("off", service_env(None)), ("on", service_env(endpoint))):
+        for label, (project, endpoint) in variants.items():
+            env = service_env(endpoint)
             port = free_port()
             env["METRICS_BIND"] = f"127.0.0.1:{free_port()}"
             cmd, cwd = gunicorn_cmd("generated", project, port, None)
@@ -97,7 +101,7 @@ def start_and_memory(project: Path, endpoint: str, runs: int, logs: Path) -> dic
                 memory = memory_kib(workers[0]) if workers else {}
             finally:
                 serve.stop_group(proc)
-            if i > 0:  # the first pair warms the page cache and writes bytecode
+            if i > 0:  # the first round warms the page cache and writes bytecode
                 results[label]["start"].append(elapsed)
                 results[label]["rss"].append(memory.get("rss", 0) / 1024)
                 results[label]["pss"].append(memory.get("pss", 0) / 1024)
@@ -124,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     scratch = OUT / "tracing"
     scratch.mkdir(parents=True, exist_ok=True)
-    serve.ANSWERS.clear()
-    serve.ANSWERS["tracing"] = True  # no dependency: the cost of tracing alone
+    serve.ANSWERS.clear()  # the defaults: no dependency, the cost of tracing alone
+    plain = render_project(scratch / "plain", "HEAD", scratch)
+    serve.ANSWERS["tracing"] = True
     project = render_project(scratch / "project", "HEAD", scratch)
     subprocess.run(
         [str(UV), "pip", "install", "-q", "--python", str(project / ".venv/bin/python"), STOCK],
@@ -145,9 +150,10 @@ def main(argv: list[str] | None = None) -> int:
             check=True,
         )
     layers = json.loads(proc.stdout)
-    log("start and memory: tracing off and on")
+    log("start and memory: without tracing, tracing off (no endpoint) and on")
     with sink() as endpoint:
-        process = start_and_memory(project, endpoint, args.starts, scratch)
+        variants = {"without": (plain, None), "off": (project, None), "on": (project, endpoint)}
+        process = start_and_memory(variants, args.starts, scratch)
     version = subprocess.run(
         [
             str(project / ".venv/bin/python"),

@@ -35,6 +35,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 BATCHES = 40
 PER_BATCH = 200
 TRACE = "0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331"
+# What tracing.use() sets: the tracer, and what it knows of the sampler.
+_STATE = ("tracer", "_span_id_of_dropped")
 
 
 class _Dropped(SpanExporter):
@@ -42,16 +44,22 @@ class _Dropped(SpanExporter):
         return SpanExportResult.SUCCESS
 
 
-def _with_tracer(app: Any, module: Any, tracer: Any) -> Any:
-    """app, with tracing.tracer set to tracer while it handles a request (one at a time)."""
+def _with_tracer(app: Any, module: Any, provider: Any) -> Any:
+    """app, with the server spans made by provider's tracer (as tracing.start() sets it up) while
+    it handles a request (one at a time); None: tracing off."""
+    module.use(provider)
+    state = {name: getattr(module, name) for name in _STATE}
+    module.use(None)
 
     async def swapped(scope: Any, receive: Any, send: Any) -> None:
-        saved = module.tracer
-        module.tracer = tracer
+        saved = {name: getattr(module, name) for name in _STATE}
+        for name, value in state.items():
+            setattr(module, name, value)
         try:
             await app(scope, receive, send)
         finally:
-            module.tracer = saved
+            for name, value in saved.items():
+                setattr(module, name, value)
 
     return swapped
 
@@ -133,10 +141,6 @@ def main() -> None:
     sampled_provider = TracerProvider()  # parent-based, always on: the SDK's default
     sampled_provider.add_span_processor(BatchSpanProcessor(_Dropped()))
     unsampled_provider = TracerProvider()
-    ours = {
-        True: sampled_provider.get_tracer("bench"),
-        False: unsampled_provider.get_tracer("bench"),
-    }
     provider_of = {True: sampled_provider, False: unsampled_provider}
 
     variants: dict[str, tuple[Any, bool]] = {}
@@ -145,7 +149,7 @@ def main() -> None:
         app = create_app()
         variants[f"tracing off, {label} header"] = (_with_tracer(app, tracing, None), sampled)
         app = create_app()
-        variants[f"ours, {label}"] = (_with_tracer(app, tracing, ours[sampled]), sampled)
+        variants[f"ours, {label}"] = (_with_tracer(app, tracing, provider_of[sampled]), sampled)
         app = create_app()
         stock = OpenTelemetryMiddleware(app, tracer_provider=provider_of[sampled])
         variants[f"stock asgi, {label}"] = (_with_tracer(stock, tracing, None), sampled)
@@ -166,7 +170,7 @@ def main() -> None:
     kept = TracerProvider()
     kept.add_span_processor(SimpleSpanProcessor(memory))
     app = create_app()
-    run(_measure({"kept": (_with_tracer(app, tracing, kept.get_tracer("bench")), True)}, paths[0]))
+    run(_measure({"kept": (_with_tracer(app, tracing, kept), True)}, paths[0]))
     spans = list(memory.get_finished_spans())[-10:]
     print(json.dumps({"results": results, "encode_us_per_span": _encode_cost(spans)}))
 
