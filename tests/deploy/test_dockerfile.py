@@ -50,13 +50,16 @@ def test_dockerfile_structure(generated: Callable[[Combo], Generated], combo: Co
     instructions = dockerfile_instructions(project.read("Dockerfile"))
     froms = [i for i, (ins, _) in enumerate(instructions) if ins == "FROM"]
     stages = [instructions[i][1].split()[-1] for i in froms]
-    assert stages == ["uv", "dependencies", "service", "runtime"], stages
+    assert stages == ["uv", "build", "dependencies", "service", "runtime"], stages
     runtime = instructions[froms[-1] :]
-    dependencies = " ".join(a for i, a in instructions[froms[1] : froms[2]] if i == "RUN")
+    # Both build stages start from the common one, whose layers are made once: two copies of
+    # the same steps made buildah's cache pick either copy on a rebuild, and miss.
+    assert [instructions[i][1] for i in froms[2:4]] == ["build AS dependencies", "build AS service"]
+    dependencies = " ".join(a for i, a in instructions[froms[2] : froms[3]] if i == "RUN")
     assert "uv sync --locked --no-dev --no-install-project" in dependencies
     assert "--mount=type=bind,source=uv.lock" in dependencies
     assert "strip --strip-unneeded" in dependencies
-    service = " ".join(a for i, a in instructions[froms[2] : froms[3]] if i == "RUN")
+    service = " ".join(a for i, a in instructions[froms[3] : froms[4]] if i == "RUN")
     assert "uv pip install --no-deps --target /service ." in service
     assert any("UV_COMPILE_BYTECODE=1" in a for i, a in instructions if i == "ENV")
     # The runtime stage: no uv, no build tools, no source tree.
