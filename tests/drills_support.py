@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,6 +118,30 @@ def report(request: pytest.FixtureRequest, drill: str, figures: dict[str, Any]) 
     with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
         sys.stderr.write(f"\nDRILL {line}\n")
         sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def load_generator(workdir: Path, *args: str) -> Iterator[Callable[[], dict[str, Any]]]:
+    """tests/drills_load.py run with ARGS in a process of its own until the yielded function is
+    called: it stops the load (through a stop file the load watches) and returns its figures.
+    Killed if the test ends first."""
+    stop_file = workdir / f"stop-load-{time.monotonic_ns()}"
+    cmd = [sys.executable, str(ROOT / "tests" / "drills_load.py"), *args]
+    cmd += ["--stop-file", str(stop_file)]
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def finish() -> dict[str, Any]:
+        stop_file.touch()
+        out, err = process.communicate(timeout=60)
+        assert process.returncode == 0, err
+        return dict(json.loads(out))
+
+    try:
+        yield finish
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 # --------------------------------------------------------------------------- the drill app

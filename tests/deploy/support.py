@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from check_jsonschema.cli.main_command import main as check_jsonschema_main
 from click.testing import CliRunner
 
@@ -178,6 +179,14 @@ def parse_env_file(text: str) -> dict[str, str]:
             key, _, value = line.partition("=")
             env[key.strip()] = value.strip()
     return env
+
+
+def ci_pushed_image(project: Generated) -> tuple[str, str]:
+    """The image the generated CI pushes (OWNER standing for the repository's owner) and the
+    tags it gives it, from docker/metadata-action's step in .github/workflows/ci.yml."""
+    steps = yaml.safe_load(project.read(".github/workflows/ci.yml"))["jobs"]["image"]["steps"]
+    meta = next(s["with"] for s in steps if s.get("uses", "").startswith("docker/metadata-action"))
+    return meta["images"].replace("${{ github.repository_owner }}", "OWNER"), meta["tags"]
 
 
 def dockerfile_instructions(text: str) -> list[tuple[str, str]]:

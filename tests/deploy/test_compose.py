@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from ..helpers import ALL_ENABLED, Combo, free_port, run, started
 from .support import (
@@ -22,6 +21,7 @@ from .support import (
     Generated,
     check,
     check_jsonschema,
+    ci_pushed_image,
     connects,
     params,
     parse_env_file,
@@ -80,16 +80,9 @@ def check_release_image(project: Generated, services: dict[str, Any]) -> None:
     service builds one: a server pulls its release. compose.build.yaml alone builds it, under
     the same name, for development."""
     env = parse_env_file(project.read(".env"))
-    meta = next(
-        step["with"]
-        for step in yaml.safe_load(project.read(".github/workflows/ci.yml"))["jobs"]["image"][
-            "steps"
-        ]
-        if step.get("uses", "").startswith("docker/metadata-action")
-    )
-    pushed = meta["images"].replace("${{ github.repository_owner }}", "OWNER")
+    pushed, tags = ci_pushed_image(project)
     assert env["APP_IMAGE"] == pushed, f"compose runs {env['APP_IMAGE']}, CI pushes {pushed}"
-    assert "type=sha,format=long" in meta["tags"]  # sha-<full commit hash>: RELEASE's form
+    assert "type=sha,format=long" in tags  # sha-<full commit hash>: RELEASE's form
     runs = [name for name in ("app", "migrate") if name in services]
     for name in runs:
         assert services[name]["image"] == f"{pushed}:{RELEASE}", services[name]["image"]

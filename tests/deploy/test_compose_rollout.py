@@ -13,7 +13,6 @@ Engine (20.10) ignores it and checks every `interval` (30 s), which would make e
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import subprocess
@@ -28,7 +27,8 @@ import yaml
 
 from ..containers import standins
 from ..containers.engines import Docker, Podman, _compose, _which
-from ..helpers import ALL_ENABLED, ROOT, Combo
+from ..drills_support import load_generator
+from ..helpers import ALL_ENABLED, Combo
 from .containers import MARKS, build, buildable, release_image, report, set_release
 from .support import RELEASE, Generated
 from .test_compose_stack import NAME, call, client, compose_logs, override, up
@@ -54,29 +54,13 @@ def load(
     figures. A request lost on a reused connection before any byte of an answer (nginx closes
     its idle client connections when it reloads) is sent again once, as browsers and HTTP
     clients do, and counted apart (lost_in_flight, retried_ok)."""
-    stop_file = workdir / f"stop-load-{time.monotonic_ns()}"
-    cmd = [
-        sys.executable,
-        str(ROOT / "tests" / "drills_load.py"),
+    with load_generator(
+        workdir,
         *("--port", str(port), "--host", domain, "--path", "/health/live"),
         *("--tls-ca", str(certificate / "fullchain.pem")),
         *("--seconds", "300", "--connections", str(LOAD_CONNECTIONS)),
-        *("--stop-file", str(stop_file)),
-    ]
-    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    def finish() -> dict[str, Any]:
-        stop_file.touch()
-        out, err = process.communicate(timeout=60)
-        assert process.returncode == 0, err
-        return dict(json.loads(out))
-
-    try:
+    ) as finish:
         yield finish
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def set_tag(project: Generated, tag: str) -> None:

@@ -18,7 +18,15 @@ import yaml
 from kubernetes_validate.utils import latest_version
 
 from ..helpers import Combo
-from .support import KUBERNETES, Generated, check, dockerfile_instructions, params, tool
+from .support import (
+    KUBERNETES,
+    Generated,
+    check,
+    ci_pushed_image,
+    dockerfile_instructions,
+    params,
+    tool,
+)
 
 pytestmark = pytest.mark.deploy
 
@@ -235,16 +243,9 @@ def check_consistency(project: Generated) -> None:
     for resource in [built["Deployment"], *([built["Job"]] if "Job" in built else [])]:
         assert {c["image"] for c in pod_containers(resource)} == {release}
     # The image CI pushes (OWNER stands for the repository's owner) and its sha-<commit> tags.
-    meta = next(
-        step["with"]
-        for step in yaml.safe_load(project.read(".github/workflows/ci.yml"))["jobs"]["image"][
-            "steps"
-        ]
-        if step.get("uses", "").startswith("docker/metadata-action")
-    )
-    pushed = meta["images"].replace("${{ github.repository_owner }}", "OWNER")
+    pushed, tags = ci_pushed_image(project)
     assert image["newName"] == pushed, f"kustomization runs {image['newName']}, CI pushes {pushed}"
-    assert "type=sha,format=long" in meta["tags"] and image["newTag"].startswith("sha-")
+    assert "type=sha,format=long" in tags and image["newTag"].startswith("sha-")
 
     # Started as the image starts it.
     cmd = next(

@@ -41,7 +41,6 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -54,10 +53,9 @@ from typing import Any, BinaryIO
 import pytest
 import yaml
 
-from ..drills_support import PostgresInstance, report
+from ..drills_support import PostgresInstance, load_generator, report
 from ..helpers import (
     ALL_ENABLED,
-    ROOT,
     Combo,
     free_port,
     json_lines,
@@ -927,38 +925,12 @@ def load(
 ) -> Iterator[Callable[[], dict[str, Any]]]:
     """tests/drills_load.py through the balancer, kept-alive connections, no retry, until the
     yielded function is called: it stops the load and returns its figures."""
-    stop_file = workdir / f"stop-load-{time.monotonic_ns()}"
-    cmd = [
-        sys.executable,
-        str(ROOT / "tests" / "drills_load.py"),
-        "--port",
-        str(balancer.port),
-        "--host",
-        host,
-        "--path",
-        path,
-        "--seconds",
-        "300",
-        "--connections",
-        str(LOAD_CONNECTIONS),
-        "--no-retry",
-        "--stop-file",
-        str(stop_file),
-    ]
-    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    def finish() -> dict[str, Any]:
-        stop_file.touch()
-        out, err = process.communicate(timeout=60)
-        assert process.returncode == 0, err
-        return dict(json.loads(out))
-
-    try:
+    with load_generator(
+        workdir,
+        *("--port", str(balancer.port), "--host", host, "--path", path),
+        *("--seconds", "300", "--connections", str(LOAD_CONNECTIONS), "--no-retry"),
+    ) as finish:
         yield finish
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 # ---------------------------------------------------------------- fixtures
