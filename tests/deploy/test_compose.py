@@ -186,6 +186,20 @@ def test_compose(generated: Callable[[Combo], Generated], combo: Combo, tmp_path
     assert not re.search(r"(?im)^\s*(SECRET_KEY|SENTRY_DSN|DATABASE_URL)\s*:", text)
 
 
+def test_rollout_script_passes_shellcheck(
+    generated: Callable[[Combo], Generated], tmp_path: Path
+) -> None:
+    """deploy/rollout.sh passes shellcheck at every severity; a copy with an unquoted expansion
+    (word splitting, SC2086) does not, so the check is live."""
+    script = generated(ALL_ENABLED["docker"]).path / "deploy" / "rollout.sh"
+    shellcheck = [tool("shellcheck"), "--severity=style", "--shell=bash"]
+    check([*shellcheck, str(script)])
+    broken = tmp_path / "rollout.sh"
+    broken.write_text(script.read_text() + "\nrm -f $1\n")
+    with pytest.raises(AssertionError, match="SC2086"):
+        check([*shellcheck, str(broken)])
+
+
 def test_compose_checks_fail_on_broken_copies(
     generated: Callable[[Combo], Generated], tmp_path: Path
 ) -> None:
