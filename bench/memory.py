@@ -32,10 +32,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import free_port
+from tests.helpers import UV, free_port, python_for
 from tests.servers import postgres_server, redis_server
 
-from .common import OUT, children, loadavg, log, median, process_group, spread, stop_group
+from .common import (
+    OUT,
+    children,
+    hermetic_env,
+    loadavg,
+    log,
+    median,
+    process_group,
+    spread,
+    stop_group,
+)
 from .serve import gunicorn_cmd, render_project, server_env, wait_for
 from .tracing import sink
 
@@ -52,6 +62,30 @@ def smaps_rollup(pid: int) -> dict[str, int]:
         if name in FIELDS:
             result[FIELDS[name]] += int(rest.split()[0])
     return result
+
+
+def as_deployed(project: Path, scratch: Path) -> Path:
+    """The project's virtualenv without the dev group, bytecode compiled: as both deployments
+    install it (`uv sync --locked --no-dev --compile-bytecode`). With the dev group, sentry-sdk's
+    httpx integration would import httpx (and its command line's pygments) in every start."""
+    env = hermetic_env(scratch)
+    env.pop("PYTHONPYCACHEPREFIX", None)
+    version = (project / ".python-version").read_text().strip()
+    subprocess.run(
+        [
+            str(UV),
+            "sync",
+            "-q",
+            "--no-dev",
+            "--compile-bytecode",
+            "--python",
+            str(python_for(version)),
+        ],
+        cwd=project,
+        env=env,
+        check=True,
+    )
+    return project
 
 
 def private_by_mapping(pid: int) -> dict[str, int]:
@@ -170,10 +204,14 @@ def main() -> None:
     scratch = OUT / "memory"
     logs = scratch / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    projects = {"working tree": render_project(scratch / "service", "HEAD", scratch, ANSWERS)}
+    projects = {
+        "working tree": as_deployed(
+            render_project(scratch / "service", "HEAD", scratch, ANSWERS), scratch
+        )
+    }
     if args.compare:
-        projects[args.compare] = render_project(
-            scratch / "service-compare", args.compare, scratch, ANSWERS
+        projects[args.compare] = as_deployed(
+            render_project(scratch / "service-compare", args.compare, scratch, ANSWERS), scratch
         )
     rows = []
     loads = [loadavg()[0]]
