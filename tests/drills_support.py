@@ -38,6 +38,7 @@ DRILL_APP = '''\
 
 import asyncio
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -51,6 +52,17 @@ from my_service.main import create_app
 # Which process imports the application: the gunicorn master once (preload_app), not each worker.
 with Path(os.environ["DRILL_DIR"], "imported-by").open("a") as marker:
     marker.write(f"{os.getpid()} {os.getppid()}\\n")
+
+# The modules a worker has when it is forked (the master's): whoami reports what it imported since.
+modules_at_fork: frozenset[str] = frozenset()
+
+
+def _forked() -> None:
+    global modules_at_fork
+    modules_at_fork = frozenset(sys.modules)
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def create() -> FastAPI:
@@ -85,14 +97,19 @@ def create() -> FastAPI:
     @app.get("/api/v1/drill/whoami")
     async def whoami(request: Request) -> dict[str, object]:
         """The worker that answers: its pid, the PostgreSQL backend and the Redis client id of
-        the connections it uses, and a Sentry event sent through its own client (flushed: by
-        its own transport thread)."""
+        the connections it uses, a Sentry event sent through its own client (flushed: by its
+        own transport thread), and the modules it has imported since it was forked."""
         async with request.app.state.engine.connect() as connection:
             backend = (await connection.execute(text("SELECT pg_backend_pid()"))).scalar_one()
         redis_client = await request.app.state.redis.client_id()
         sentry_sdk.capture_message(f"whoami {os.getpid()}")
         await asyncio.to_thread(sentry_sdk.flush, 5)
-        return {"pid": os.getpid(), "postgres_backend": backend, "redis_client": redis_client}
+        return {
+            "pid": os.getpid(),
+            "postgres_backend": backend,
+            "redis_client": redis_client,
+            "imported_after_fork": sorted(set(sys.modules) - modules_at_fork),
+        }
 
     return app
 '''

@@ -629,9 +629,10 @@ def test_workers_are_forks_of_the_loaded_application(
     production: Service, receiver: SentryReceiver, workdir: Path
 ) -> None:
     """preload_app: the application is imported once, by the master, and each worker is a fork
-    of it; yet every worker makes its own connections and Sentry client after the fork: its own
-    PostgreSQL backends and Redis clients, none another worker uses, and its own transport
-    thread, which delivers the worker's event."""
+    of it, with what uvicorn and the database's dialect would import as a worker starts; yet
+    every worker makes its own connections and Sentry client after the fork: its own PostgreSQL
+    backends and Redis clients, none another worker uses, and its own transport thread, which
+    delivers the worker's event."""
     master = production.process.pid
     workers = production.wait_for_workers(int(WORKERS))
     seen: dict[int, list[dict[str, Any]]] = {}
@@ -648,6 +649,14 @@ def test_workers_are_forks_of_the_loaded_application(
         tuple(map(int, line.split())) for line in (workdir / "imported-by").read_text().splitlines()
     ]
     assert [pid for pid, parent in importers if master in (pid, parent)] == [master]
+
+    # What uvicorn imports as a worker starts (its event loop, protocols, lifespan) and the
+    # database's dialect were imported by the master: a worker serves without importing them.
+    preloaded = ("uvloop", "uvicorn.", "websockets", "sqlalchemy.dialects")
+    imported = {
+        name for bodies in seen.values() for body in bodies for name in body["imported_after_fork"]
+    }
+    assert not {name for name in imported if name.startswith(preloaded)}, sorted(imported)
 
     for key in ("postgres_backend", "redis_client"):
         used = {pid: {body[key] for body in bodies} for pid, bodies in seen.items()}
