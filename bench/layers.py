@@ -1,12 +1,13 @@
 """In-process cost of each layer of the generated app, run by the generated project's Python.
 
 `python layers.py BARE_DIR PATH...` prints JSON: CPU microseconds per request through the ASGI
-app (no server, no network) for the bare app, the generated app without its own middleware,
-then with each middleware added in turn (outermost first, as a request meets them), the whole
-app without its access line (ACCESS_LOG=false), and the whole app with and without its
-metrics' two steps (written to files, as under gunicorn). Each request runs in its own task, as
-under uvicorn. The variants are interleaved in many short batches; the 10th percentile of the
-batches is reported, the batch least disturbed by other processes on the machine.
+app (no server, no network) for the bare app, the bare app with the service's routers
+(`routers.py`), the generated app without its own middleware, then with each middleware added in
+turn (outermost first, as a request meets them), the whole app without its access line
+(ACCESS_LOG=false), and the whole app with and without its metrics' two steps (written to files,
+as under gunicorn). Each request runs in its own task, as under uvicorn. The variants are
+interleaved in many short batches; the 10th percentile of the batches is reported, the batch least
+disturbed by other processes on the machine.
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ def main() -> None:
     from my_service import middleware
     from my_service.main import create_app
     from my_service.settings import load_settings
+    from routers import app as routers  # the bare app with the service's routers
 
     def generated(keep: int | None, silent: bool = False) -> Any:
         settings = load_settings()
@@ -143,7 +145,11 @@ def main() -> None:
         return wrapped
 
     names = [m.cls.__name__ for m in create_app().user_middleware]
-    apps: dict[str, Any] = {"bare app": bare, "generated, no middleware of its own": generated(0)}
+    apps: dict[str, Any] = {
+        "bare app": bare,
+        "bare, same routers": routers,
+        "generated, no middleware of its own": generated(0),
+    }
     for i, name in enumerate(names, start=1):
         apps[f"+ {name}"] = generated(i)
     apps["all, without the access line"] = generated(None, silent=True)

@@ -242,8 +242,8 @@ def _serve(serve: dict[str, Any]) -> list[str]:
             for p in paths:
                 value = data["results"][p][variant]
                 ref = data["results"][p][variants[i - 1]] if i > 0 else None
-                if variant == "all, without the access line":  # compared with the whole stack
-                    ref = data["results"][p][whole]
+                if variant in {"all, without the access line", "all, metrics swapped in"}:
+                    ref = data["results"][p][whole]  # compared with the whole stack
                 elif variant == "all, without the metrics":  # with the same wrapper
                     ref = data["results"][p]["all, metrics swapped in"]
                 step = f", {value - ref:+.0f}" if ref is not None and i > 0 else ""

@@ -44,6 +44,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._chunk_bytes = 0  # the size of the chunk of data being parsed
         self._refused = False
         self._deferred_refusal: tuple[int, str] | None = None
+        # The limits are set once per worker, before it serves (post_worker_init).
+        self._max_head_bytes = self.max_head_bytes()
 
     @classmethod
     def max_head_bytes(cls) -> int | None:
@@ -110,7 +112,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self._in_head:
             # httptools buffers a header until it is complete: bound what it may buffer.
             self._head_bytes += len(data)
-            limit = self.max_head_bytes()
+            limit = self._max_head_bytes
             if limit is not None and self._head_bytes > limit:
                 self._refuse(431, "Request Header Fields Too Large")
                 return

@@ -14,9 +14,13 @@ tests, an embedding server) they live in this process' default registry.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+from bisect import bisect_left
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.mmap_dict import _pack_two_doubles
 from starlette.types import Scope
 
 UNMATCHED = "unmatched"
@@ -82,9 +86,62 @@ class InFlight:
 
 IN_FLIGHT = InFlight()
 
-# The labelled series of each (route, method, status): labels() validates and locks on every
-# call, a dictionary lookup does not. Bounded by the application's routes, as the series are.
-_series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+
+class _FileValue:
+    """One value of this worker's metric file (multiprocess mode), written in place.
+
+    prometheus_client's own write (`MmapedValue.inc`) takes its lock, asks for the process id
+    (to notice a fork) and looks the value's key up in its file on every call, and
+    `Histogram.observe()` checks its labels and walks the buckets: three such writes per request
+    were most of the metrics' cost. Here the value's place in the file is found once, and each
+    write packs the number there, in the library's own format (its `_pack_two_doubles`), keeping
+    the library's copy (what `get()` returns) in step. Only `record_request` writes these
+    series, from the event loop's thread; a forked process starts with none (below).
+    """
+
+    __slots__ = ("_file", "_position", "_value")
+
+    def __init__(self, value: Any) -> None:
+        value.get()  # in a forked process: the library moves every value to files of its own
+        self._value = value
+        self._file = value._file
+        self._position: int = value._file._positions[value._key]
+
+    def inc(self, amount: float) -> None:
+        value = self._value
+        value._value += amount
+        # The file's current mapping (it is remapped when the file grows).
+        _pack_two_doubles(self._file._m, self._position, value._value, 0.0)
+
+
+def _writable(value: Any) -> Any:
+    """A value's writer: in place in multiprocess mode, else the value itself (in memory)."""
+    return _FileValue(value) if value._multiprocess else value
+
+
+class _Series:
+    """What one request of a (route, method, status) updates: the counter, the latency sum and
+    the bucket of its duration, as `Counter.inc()` and `Histogram.observe()` would."""
+
+    __slots__ = ("_bounds", "_buckets", "_requests", "_sum")
+
+    def __init__(self, requests: Counter, latency: Histogram) -> None:
+        self._requests = _writable(requests._value)
+        self._sum = _writable(latency._sum)
+        self._buckets = [_writable(bucket) for bucket in latency._buckets]
+        self._bounds = tuple(latency._upper_bounds)  # ends with +Inf
+
+    def record(self, duration: float) -> None:
+        self._requests.inc(1.0)
+        self._sum.inc(duration)
+        # The first bucket whose bound is at least the duration, as observe() counts it.
+        self._buckets[bisect_left(self._bounds, duration)].inc(1.0)
+
+
+# The series of each (route, method, status): bounded by the application's routes, as the
+# series are. Made in the process that records (a forked worker makes its own).
+_series: dict[tuple[str, str, int], _Series] = {}
+os.register_at_fork(after_in_child=_series.clear)
 
 
 def record_request(scope: Scope, status: int, start: float) -> None:
@@ -103,9 +160,8 @@ def record_request(scope: Scope, status: int, start: float) -> None:
     series = _series.get(key)
     if series is None:
         route_label, method_label, _ = key
-        series = _series[key] = (
+        series = _series[key] = _Series(
             REQUESTS.labels(route_label, method_label, str(status)),
             LATENCY.labels(route_label, method_label),
         )
-    series[0].inc()
-    series[1].observe(duration)
+    series.record(duration)
