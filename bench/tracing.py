@@ -7,6 +7,9 @@ one run; writes bench/tracing.json and prints the figures (bench/RESULTS.md, "Tr
 - Worker start (gunicorn start to the first 200 from /health/ready, one worker) and worker
   memory after 2,000 sampled requests: a project without tracing (tracing=false), and one with
   it, off (no endpoint) and on (exporting to a loopback sink that answers 200), interleaved.
+- `--compare GIT_REF`: also the template at that ref (tracing=true), and tracing off and the
+  service's own span measured in both projects (tracing_layers.py --ours-only), one project
+  after the other, `--rounds` times: before and after a change, side by side.
 Figures only: nothing fails on a timing.
 """
 
@@ -122,9 +125,37 @@ def http_status_traced(port: int) -> None:
         conn.close()
 
 
+def ours_only(project: Path, env: dict[str, str], scratch: Path) -> dict[str, float]:
+    """Tracing off and the service's own span, unsampled and sampled, and what the span costs."""
+    with (scratch / "tracing-layers.log").open("ab") as err:
+        proc = subprocess.run(
+            [
+                str(project / ".venv/bin/python"),
+                str(BENCH / "tracing_layers.py"),
+                "--ours-only",
+                "/api/v1/info",
+            ],
+            cwd=project,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            check=True,
+        )
+    figures: dict[str, float] = json.loads(proc.stdout)["results"]["/api/v1/info"]
+    for label in ("unsampled", "sampled"):
+        figures[f"cost, {label}"] = (
+            figures[f"ours, {label}"] - figures[f"tracing off, {label} header"]
+        )
+    figures["load"] = os.getloadavg()[0]
+    return figures
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.tracing", description=__doc__)
     parser.add_argument("--starts", type=int, default=5, help="measured starts per variant")
+    parser.add_argument("--compare", metavar="GIT_REF", help="also the template at this ref")
+    parser.add_argument("--rounds", type=int, default=3, help="alternations with --compare")
     args = parser.parse_args(argv)
     scratch = OUT / "tracing"
     scratch.mkdir(parents=True, exist_ok=True)
@@ -150,6 +181,16 @@ def main(argv: list[str] | None = None) -> int:
             check=True,
         )
     layers = json.loads(proc.stdout)
+    compared: dict[str, list[dict[str, float]]] = {}
+    if args.compare:
+        projects = {
+            args.compare: render_project(scratch / "compare", args.compare, scratch),
+            "HEAD": project,
+        }
+        log(f"before and after: {args.compare} and HEAD, alternately, {args.rounds} rounds")
+        for _ in range(args.rounds):
+            for label, path in projects.items():
+                compared.setdefault(label, []).append(ours_only(path, env, scratch))
     log("start and memory: without tracing, tracing off (no endpoint) and on")
     with sink() as endpoint:
         variants = {"without": (plain, None), "off": (project, None), "on": (project, endpoint)}
@@ -169,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         "load": os.getloadavg()[0],
         "opentelemetry_sdk": version,
         "in_process": layers,
+        **({"compare": compared} if compared else {}),
         "process": process,
     }
     (BENCH / "tracing.json").write_text(json.dumps(results, indent=1) + "\n")

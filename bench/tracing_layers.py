@@ -10,6 +10,9 @@ flag off, parent-based sampler) and sampled (flag on). The sampled spans go to a
 BatchSpanProcessor whose exporter drops them: the request's share. The export's own share (the
 OTLP encoding in the export thread) is measured apart, per span. Variants interleaved in many
 short batches; the 10th percentile of the batches is reported.
+
+`python tracing_layers.py --ours-only PATH`: tracing off and the service's own span alone
+(`python -m bench.tracing --compare GIT_REF` runs it in two projects, alternately).
 """
 
 from __future__ import annotations
@@ -21,8 +24,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
@@ -124,6 +125,8 @@ async def _measure(variants: dict[str, tuple[Any, bool]], path: str) -> dict[str
 
 def _encode_cost(app_spans: list[ReadableSpan]) -> float:
     """CPU microseconds per span of the OTLP/protobuf encoding the exporter does per batch."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
     batch = (app_spans * (512 // max(len(app_spans), 1) + 1))[:512]
     runs = []
     for _ in range(20):
@@ -134,7 +137,8 @@ def _encode_cost(app_spans: list[ReadableSpan]) -> float:
 
 
 def main() -> None:
-    paths = sys.argv[1:]
+    ours_only = "--ours-only" in sys.argv
+    paths = [arg for arg in sys.argv[1:] if arg != "--ours-only"]
     from my_service import tracing
     from my_service.main import create_app
 
@@ -150,6 +154,10 @@ def main() -> None:
         variants[f"tracing off, {label} header"] = (_with_tracer(app, tracing, None), sampled)
         app = create_app()
         variants[f"ours, {label}"] = (_with_tracer(app, tracing, provider_of[sampled]), sampled)
+        if ours_only:
+            continue
+        from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
         app = create_app()
         stock = OpenTelemetryMiddleware(app, tracer_provider=provider_of[sampled])
         variants[f"stock asgi, {label}"] = (_with_tracer(stock, tracing, None), sampled)
@@ -164,6 +172,9 @@ def main() -> None:
     except ImportError:
         run = asyncio.run
     results = {path: run(_measure(variants, path)) for path in paths}
+    if ours_only:
+        print(json.dumps({"results": results}))
+        return
 
     # What one sampled request of ours exports, encoded as the OTLP exporter does.
     memory = InMemorySpanExporter()
