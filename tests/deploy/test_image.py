@@ -1,8 +1,8 @@
 """The generated image, built and run for real (the `containers` tier): for every Python version,
 podman builds the generated Dockerfile as it is, from scratch; a change to one source file
-rebuilds without touching the dependency layer; Docker runs the image as compose.yaml does and
-its HEALTHCHECK, its user, its file system and its drain on `docker stop` are checked on the
-running container."""
+rebuilds without touching the dependency layer, a dependency added and locked rebuilds it; Docker
+runs the image as compose.yaml does and its HEALTHCHECK, its user, its file system and its drain
+on `docker stop` are checked on the running container."""
 
 from __future__ import annotations
 
