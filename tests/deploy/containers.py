@@ -34,12 +34,17 @@ def buildable(project: Generated, dst: Path) -> Generated:
     """A copy with the uv.lock a user commits (`uv lock`, once): the Dockerfile's `uv sync
     --locked` needs it."""
     copy = project.copy(dst)
+    lock(copy)
+    return copy
+
+
+def lock(project: Generated) -> None:
+    """`uv lock` in the project, with the Python of its version."""
     run(
         [uv(), "lock", "--python", str(python_for(project.combo.python_version))],
-        cwd=copy.path,
+        cwd=project.path,
         env={**os.environ, "UV_PYTHON_DOWNLOADS": "never"},
     )
-    return copy
 
 
 # The owner a server writes into APP_IMAGE in place of .env.example's OWNER (deploy/README.md,

@@ -55,12 +55,25 @@ def test_dockerfile_structure(generated: Callable[[Combo], Generated], combo: Co
     # Both build stages start from the common one, whose layers are made once: two copies of
     # the same steps made buildah's cache pick either copy on a rebuild, and miss.
     assert [instructions[i][1] for i in froms[2:4]] == ["build AS dependencies", "build AS service"]
-    dependencies = " ".join(a for i, a in instructions[froms[2] : froms[3]] if i == "RUN")
+    dependencies_stage = instructions[froms[2] : froms[3]]
+    dependencies = " ".join(a for i, a in dependencies_stage if i == "RUN")
     assert "uv sync --locked --no-dev --no-install-project" in dependencies
-    assert "--mount=type=bind,source=uv.lock" in dependencies
+    # The lock file is copied (podman's cache keys a COPY by content, a bind-mounted file not at
+    # all), before the step that installs from it.
+    copied = [
+        n
+        for n, (i, a) in enumerate(dependencies_stage)
+        if (i, a) == ("COPY", "pyproject.toml uv.lock ./")
+    ]
+    syncs = [n for n, (i, a) in enumerate(dependencies_stage) if "uv sync" in a]
+    assert copied and syncs and copied[0] < syncs[0], dependencies_stage
     assert "strip --strip-unneeded" in dependencies
     service = " ".join(a for i, a in instructions[froms[3] : froms[4]] if i == "RUN")
     assert "uv pip install --no-deps --target /service ." in service
+    # uv is mounted from its image where it runs, never copied into a layer.
+    runs_uv = [a for i, a in instructions if i == "RUN" and re.search(r"\buv (sync|pip) ", a)]
+    assert runs_uv and all("--mount=from=uv,source=/uv," in a for a in runs_uv), runs_uv
+    assert not [a for i, a in instructions if i == "COPY" and "--from=uv" in a]
     assert any("UV_COMPILE_BYTECODE=1" in a for i, a in instructions if i == "ENV")
     # The runtime stage: no uv, no build tools, no source tree.
     runtime_text = " ".join(a for _, a in runtime)

@@ -1,8 +1,8 @@
 """The generated image, built and run for real (the `containers` tier): for every Python version,
 podman builds the generated Dockerfile as it is, from scratch; a change to one source file
-rebuilds without touching the dependency layer; Docker runs the image as compose.yaml does and
-its HEALTHCHECK, its user, its file system and its drain on `docker stop` are checked on the
-running container."""
+rebuilds without touching the dependency layer, a dependency added and locked rebuilds it; Docker
+runs the image as compose.yaml does and its HEALTHCHECK, its user, its file system and its drain
+on `docker stop` are checked on the running container."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from .containers import (
     buildable,
     fresh_dir,
     health,
+    lock,
     logs,
     release_image,
     report,
@@ -262,6 +263,22 @@ def test_image(
 
     # ------------------------------------------------ `docker stop` drains in-flight requests
     figures |= drain(docker, project, image, f"drain-{combo.id}", tmp_path)
+
+    # ------------------------------------------------ a change to the dependencies rebuilds them
+    # A dependency added and locked (one the lock holds already, as another's: nothing new to
+    # download): the dependencies' step runs again. podman keys its cache for a RUN by the
+    # command, never by the content of a bind-mounted file: uv.lock must reach it by a COPY.
+    pyproject = project.path / "pyproject.toml"
+    text = pyproject.read_text()
+    assert "\ndependencies = [\n" in text, text
+    pyproject.write_text(
+        text.replace("\ndependencies = [\n", '\ndependencies = [\n    "anyio>=4",\n')
+    )
+    lock(project)
+    relocked = build(podman, project, f"{image}-relocked", tmpdir=caches)
+    cached, _, printed = relocked.step("--no-install-project")
+    assert not cached and "Installed" in printed, relocked.output[-4000:]
+    podman("rmi", f"{image}-relocked")
     report(request, "image", figures)
 
 
