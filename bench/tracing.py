@@ -35,6 +35,8 @@ from .serve import gunicorn_cmd, render_project, wait_for
 
 STOCK = "opentelemetry-instrumentation-asgi"
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+# The route measured in process.
+PATH = "/api/v1/info"
 
 
 @contextlib.contextmanager
@@ -125,16 +127,12 @@ def http_status_traced(port: int) -> None:
         conn.close()
 
 
-def ours_only(project: Path, env: dict[str, str], scratch: Path) -> dict[str, float]:
-    """Tracing off and the service's own span, unsampled and sampled, and what the span costs."""
+def tracing_layers(project: Path, env: dict[str, str], scratch: Path, *args: str) -> Any:
+    """bench/tracing_layers.py on `GET PATH`, run by the project's Python: its figures
+    (its stderr appended to tracing-layers.log in the scratch directory)."""
     with (scratch / "tracing-layers.log").open("ab") as err:
         proc = subprocess.run(
-            [
-                str(project / ".venv/bin/python"),
-                str(BENCH / "tracing_layers.py"),
-                "--ours-only",
-                "/api/v1/info",
-            ],
+            [str(project / ".venv/bin/python"), str(BENCH / "tracing_layers.py"), *args, PATH],
             cwd=project,
             env=env,
             stdout=subprocess.PIPE,
@@ -142,7 +140,14 @@ def ours_only(project: Path, env: dict[str, str], scratch: Path) -> dict[str, fl
             text=True,
             check=True,
         )
-    figures: dict[str, float] = json.loads(proc.stdout)["results"]["/api/v1/info"]
+    return json.loads(proc.stdout)
+
+
+def ours_only(project: Path, env: dict[str, str], scratch: Path) -> dict[str, float]:
+    """Tracing off and the service's own span, unsampled and sampled, and what the span costs."""
+    figures: dict[str, float] = tracing_layers(project, env, scratch, "--ours-only")["results"][
+        "/api/v1/info"
+    ]
     for label in ("unsampled", "sampled"):
         figures[f"cost, {label}"] = (
             figures[f"ours, {label}"] - figures[f"tracing off, {label} header"]
@@ -170,17 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     log("in process: tracing off, ours, stock asgi, FastAPI native")
     env = service_env(None)
-    with (scratch / "tracing-layers.log").open("wb") as err:
-        proc = subprocess.run(
-            [str(project / ".venv/bin/python"), str(BENCH / "tracing_layers.py"), "/api/v1/info"],
-            cwd=project,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-            check=True,
-        )
-    layers = json.loads(proc.stdout)
+    (scratch / "tracing-layers.log").unlink(missing_ok=True)
+    layers = tracing_layers(project, env, scratch)
     compared: dict[str, list[dict[str, float]]] = {}
     if args.compare:
         projects = {
