@@ -588,7 +588,8 @@ def _hostile_cases() -> list[tuple[str, bytes, int]]:
 def test_hostile_and_malformed_input(request: pytest.FixtureRequest, production: Service) -> None:
     """Each hostile request gets its 4xx with a JSON body and a request id, never a 500 or a
     traceback, in well under a second, and the log line written for it carries that id."""
-    workers = production.worker_pids()
+    # Every worker up first: the service answers once one is, and a later fork is not a loss.
+    workers = production.wait_for_workers(int(WORKERS))
     figures: dict[str, Any] = {}
     for name, data, status in _hostile_cases():
         response = raw_request(production.port, data, timeout=30)
