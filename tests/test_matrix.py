@@ -6,14 +6,16 @@ Tests of one combination share one rendering (and virtualenv) and run on one xdi
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import signal
+from pathlib import Path
 
 import pytest
 from pytest_copier import CopierFixture
 
-from .helpers import COMBO_IDS, COMBOS, Combo, environment, free_port, started
+from .helpers import ALL_ENABLED, COMBO_IDS, COMBOS, Combo, environment, free_port, started
 from .project import Project, expected_workers, http_get, project_for
 from .servers import Postgres, Redis
 from .services import serve
@@ -28,6 +30,8 @@ FEATURE_WORDS = {
     "sentry": re.compile(r"sentry", re.IGNORECASE),
     "tracing": re.compile(r"opentelemetry|otel|tracing|trace_id|traceparent", re.IGNORECASE),
 }
+# FastAPI's own telemetry, turned off in every project (main.py): its option names the signals.
+NATIVE_TELEMETRY_OFF = 'telemetry={"tracing": False, "metrics": False, "logs": False},'
 FEATURE_FILES = {
     "postgres": ["alembic.ini", "migrations/env.py", "src/{pkg}/db.py", "src/{pkg}/models.py"],
     "redis": ["src/{pkg}/cache.py"],
@@ -116,7 +120,7 @@ def test_tree_matches_answers(copier_session: CopierFixture, combo: Combo) -> No
         assert match is None, f"leftover template syntax {match.group()!r} in {rel}"
         for feature, words in FEATURE_WORDS.items():
             if not getattr(combo, feature) and rel != ".copier-answers.yml":
-                found = words.search(text)
+                found = words.search(text.replace(NATIVE_TELEMETRY_OFF, ""))
                 assert found is None, f"{rel} mentions disabled {feature}: {found.group()!r}"
 
     assert (project.path / ".python-version").read_text().strip() == combo.python_version
@@ -154,6 +158,25 @@ def test_generated_test_suite_passes(
         hidden.rename(dotenv)
     assert re.search(r"\d+ passed", output), output
     assert "skipped" not in output, output
+
+
+@pytest.mark.project
+@pytest.mark.parametrize(
+    "combo",
+    [
+        pytest.param(c, id=c.id, marks=pytest.mark.xdist_group(c.id))
+        for c in (COMBOS[0], ALL_ENABLED["docker"])  # no feature at all; every feature
+    ],
+)
+def test_fastapi_native_telemetry_is_off(copier_session: CopierFixture, combo: Combo) -> None:
+    """The service's metrics, logs and spans are its own (main.py): with OpenTelemetry providers
+    configured globally, as a distribution or an operator's injection does, FastAPI's native
+    telemetry asks none of them for anything (on, it would record a second server span, request
+    metrics and log records, and it looks for a provider on every request)."""
+    project = project_for(copier_session, combo)
+    probe = Path(__file__).with_name("native_telemetry_probe.py")
+    out = project.tool("python", str(probe), "my_service")
+    assert json.loads(out.splitlines()[-1]) == []
 
 
 @pytest.mark.boot
