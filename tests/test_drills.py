@@ -652,8 +652,8 @@ def test_workers_are_forks_of_the_loaded_application(
     assert [pid for pid, parent in importers if master in (pid, parent)] == [master]
 
     # What uvicorn imports as a worker starts (its event loop, protocols, lifespan) and the
-    # database's dialect were imported by the master: a worker serves without importing them.
-    preloaded = ("uvloop", "uvicorn.", "websockets", "sqlalchemy.dialects")
+    # database's dialect and driver were imported by the master: a worker serves without them.
+    preloaded = ("uvloop", "uvicorn.", "websockets", "sqlalchemy.dialects", "asyncpg")
     imported = {
         name for bodies in seen.values() for body in bodies for name in body["imported_after_fork"]
     }
