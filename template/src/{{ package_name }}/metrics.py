@@ -96,7 +96,7 @@ IN_FLIGHT = InFlight()
 # Each request's counter, latency sum and bucket are written in place in the worker's file
 # (_InPlace), with prometheus_client's internals (checked against 0.21 to 0.26); each series
 # checks them once, when it is made, and goes through the library's own calls if they are not
-# as expected (_Series, with one warning per process): a release that changes them costs a few
+# as expected (_Series, with one warning per worker): a release that changes them costs a few
 # microseconds per request, never a failed request.
 
 # prometheus_client's multiprocess mode, as it chose it when imported.
@@ -172,7 +172,7 @@ class _InPlace:
         buckets = getattr(latency, "_buckets", None)
         if (
             not callable(_pack_two_doubles)
-            or tuple(getattr(latency, "_upper_bounds", ())) != _BOUNDS
+            or getattr(latency, "_upper_bounds", None) != list(_BOUNDS)
             or not isinstance(buckets, list)
             or len(buckets) != len(_BOUNDS)
         ):
@@ -215,6 +215,7 @@ def _warn_not_in_place() -> None:
 
 
 def _series_of(requests: Counter, latency: Histogram) -> _InPlace | _Series:
+    """The series' writer: in place if it can be, else through the library's own calls."""
     if not _MULTIPROCESS:
         return _Series(requests, latency)
     in_place = _InPlace.of(requests, latency)
