@@ -14,14 +14,20 @@ tests, an embedding server) they live in this process' default registry.
 from __future__ import annotations
 
 import asyncio
+import functools
+import math
+import mmap
 import os
 import time
 from bisect import bisect_left
+from importlib.metadata import version
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
-from prometheus_client.mmap_dict import _pack_two_doubles
+import structlog
+from prometheus_client import Counter, Gauge, Histogram, mmap_dict
 from starlette.types import Scope
+
+logger = structlog.get_logger(__name__)
 
 UNMATCHED = "unmatched"
 OTHER_METHOD = "other"
@@ -87,6 +93,20 @@ class InFlight:
 IN_FLIGHT = InFlight()
 
 
+# Each request's counter, latency sum and bucket are written in place in the worker's file
+# (_InPlace), with prometheus_client's internals (checked against 0.21 to 0.26); each series
+# checks them once, when it is made, and goes through the library's own calls if they are not
+# as expected (_Series, with one warning per worker): a release that changes them costs a few
+# microseconds per request, never a failed request.
+
+# prometheus_client's multiprocess mode, as it chose it when imported.
+_MULTIPROCESS = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+# The library's packing of a value into its files, if this release has it.
+_pack_two_doubles: Any = getattr(mmap_dict, "_pack_two_doubles", None)
+# The histogram's bounds, as the library completes them.
+_BOUNDS = (*LATENCY_BUCKETS, math.inf)
+
+
 class _FileValue:
     """One value of this worker's metric file (multiprocess mode), written in place.
 
@@ -101,11 +121,29 @@ class _FileValue:
 
     __slots__ = ("_file", "_position", "_value")
 
-    def __init__(self, value: Any) -> None:
-        value.get()  # in a forked process: the library moves every value to files of its own
+    def __init__(self, value: Any, file: Any, position: int) -> None:
         self._value = value
-        self._file = value._file
-        self._position: int = value._file._positions[value._key]
+        self._file = file
+        self._position = position
+
+    @classmethod
+    def of(cls, value: Any) -> _FileValue | None:
+        """The value's writer, if the value is laid out as expected: its number in `_value`, its
+        file in `_file` (mapped in `_m`, the number's place by `_key` in `_positions`)."""
+        if not callable(getattr(value, "get", None)):
+            return None
+        value.get()  # in a forked process: the library moves every value to files of its own
+        file = getattr(value, "_file", None)
+        positions = getattr(file, "_positions", None)
+        key = getattr(value, "_key", None)
+        position = positions.get(key) if isinstance(positions, dict) else None
+        if (
+            isinstance(getattr(value, "_value", None), float)
+            and isinstance(getattr(file, "_m", None), mmap.mmap)
+            and isinstance(position, int)
+        ):
+            return cls(value, file, position)
+        return None
 
     def inc(self, amount: float) -> None:
         value = self._value
@@ -114,33 +152,82 @@ class _FileValue:
         _pack_two_doubles(self._file._m, self._position, value._value, 0.0)
 
 
-def _writable(value: Any) -> Any:
-    """A value's writer: in place in multiprocess mode, else the value itself (in memory)."""
-    return _FileValue(value) if value._multiprocess else value
+class _InPlace:
+    """What one request of a (route, method, status) updates, written in place: the counter,
+    the latency sum and the bucket of its duration, as `Counter.inc()` and
+    `Histogram.observe()` would."""
 
+    __slots__ = ("_buckets", "_requests", "_sum")
 
-class _Series:
-    """What one request of a (route, method, status) updates: the counter, the latency sum and
-    the bucket of its duration, as `Counter.inc()` and `Histogram.observe()` would."""
+    def __init__(self, requests: _FileValue, sum_: _FileValue, buckets: list[_FileValue]) -> None:
+        self._requests = requests
+        self._sum = sum_
+        self._buckets = buckets
 
-    __slots__ = ("_bounds", "_buckets", "_requests", "_sum")
-
-    def __init__(self, requests: Counter, latency: Histogram) -> None:
-        self._requests = _writable(requests._value)
-        self._sum = _writable(latency._sum)
-        self._buckets = [_writable(bucket) for bucket in latency._buckets]
-        self._bounds = tuple(latency._upper_bounds)  # ends with +Inf
+    @classmethod
+    def of(cls, requests: Counter, latency: Histogram) -> _InPlace | None:
+        """The series' writers, if the labelled metrics are laid out as expected: the counter's
+        value in `_value`, the histogram's in `_sum` and `_buckets` (one per bound of
+        `_upper_bounds`), each a `_FileValue`."""
+        buckets = getattr(latency, "_buckets", None)
+        if (
+            not callable(_pack_two_doubles)
+            or getattr(latency, "_upper_bounds", None) != list(_BOUNDS)
+            or not isinstance(buckets, list)
+            or len(buckets) != len(_BOUNDS)
+        ):
+            return None
+        values = [getattr(requests, "_value", None), getattr(latency, "_sum", None), *buckets]
+        writers = [writer for value in values if (writer := _FileValue.of(value)) is not None]
+        if len(writers) != len(values):
+            return None
+        return cls(writers[0], writers[1], writers[2:])
 
     def record(self, duration: float) -> None:
         self._requests.inc(1.0)
         self._sum.inc(duration)
         # The first bucket whose bound is at least the duration, as observe() counts it.
-        self._buckets[bisect_left(self._bounds, duration)].inc(1.0)
+        self._buckets[bisect_left(_BOUNDS, duration)].inc(1.0)
+
+
+class _Series:
+    """What one request of a (route, method, status) updates, through prometheus_client's own
+    calls: in memory (no file to write in place), or if its internals are not as expected."""
+
+    __slots__ = ("_latency", "_requests")
+
+    def __init__(self, requests: Counter, latency: Histogram) -> None:
+        self._requests = requests
+        self._latency = latency
+
+    def record(self, duration: float) -> None:
+        self._requests.inc()
+        self._latency.observe(duration)
+
+
+@functools.cache  # once: at the first series that needs it, in each worker
+def _warn_not_in_place() -> None:
+    logger.warning(
+        "metrics written through prometheus_client's own calls: its internals are not those "
+        "they are written in place with (a few microseconds more per request)",
+        prometheus_client=version("prometheus-client"),
+    )
+
+
+def _series_of(requests: Counter, latency: Histogram) -> _InPlace | _Series:
+    """The series' writer: in place if it can be, else through the library's own calls."""
+    if not _MULTIPROCESS:
+        return _Series(requests, latency)
+    in_place = _InPlace.of(requests, latency)
+    if in_place is None:
+        _warn_not_in_place()
+        return _Series(requests, latency)
+    return in_place
 
 
 # The series of each (route, method, status): bounded by the application's routes, as the
 # series are. Made in the process that records (a forked worker makes its own).
-_series: dict[tuple[str, str, int], _Series] = {}
+_series: dict[tuple[str, str, int], _InPlace | _Series] = {}
 os.register_at_fork(after_in_child=_series.clear)
 
 
@@ -160,7 +247,7 @@ def record_request(scope: Scope, status: int, start: float) -> None:
     series = _series.get(key)
     if series is None:
         route_label, method_label, _ = key
-        series = _series[key] = _Series(
+        series = _series[key] = _series_of(
             REQUESTS.labels(route_label, method_label, str(status)),
             LATENCY.labels(route_label, method_label),
         )
