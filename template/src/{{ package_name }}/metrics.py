@@ -20,11 +20,11 @@ import mmap
 import os
 import time
 from bisect import bisect_left
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import structlog
-from prometheus_client import Counter, Gauge, Histogram, mmap_dict
+from prometheus_client import Counter, Gauge, Histogram, mmap_dict, values
 from starlette.types import Scope
 
 logger = structlog.get_logger(__name__)
@@ -96,11 +96,11 @@ IN_FLIGHT = InFlight()
 # Each request's counter, latency sum and bucket are written in place in the worker's file
 # (_InPlace), with prometheus_client's internals (checked against 0.21 to 0.26); each series
 # checks them once, when it is made, and goes through the library's own calls if they are not
-# as expected (_Series, with one warning per worker): a release that changes them costs a few
-# microseconds per request, never a failed request.
+# as expected (_Series, with one warning per worker): a release that renames or restructures
+# them costs a few microseconds per request, not a failed request.
 
-# prometheus_client's multiprocess mode, as it chose it when imported.
-_MULTIPROCESS = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+# prometheus_client's multiprocess mode, as it chose it when imported (values in files).
+_MULTIPROCESS = values.ValueClass is not values.MutexValue
 # The library's packing of a value into its files, if this release has it.
 _pack_two_doubles: Any = getattr(mmap_dict, "_pack_two_doubles", None)
 # The histogram's bounds, as the library completes them.
@@ -207,10 +207,14 @@ class _Series:
 
 @functools.cache  # once: at the first series that needs it, in each worker
 def _warn_not_in_place() -> None:
+    try:
+        installed = version("prometheus-client")
+    except PackageNotFoundError:  # installed without its metadata (vendored, a zip app)
+        installed = "unknown"
     logger.warning(
         "metrics written through prometheus_client's own calls: its internals are not those "
         "they are written in place with (a few microseconds more per request)",
-        prometheus_client=version("prometheus-client"),
+        prometheus_client=installed,
     )
 
 
