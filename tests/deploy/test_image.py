@@ -177,7 +177,18 @@ def test_image(
     # ------------------------------------------------ cold build, and what the service adds
     # No layer from an earlier build, and empty cache mounts (uv downloads every wheel).
     caches = fresh_dir(tmp_path, "buildah-")
+    cold_started = time.time()
     cold = build(podman, project, image, "--no-cache", tmpdir=caches)
+
+    def own_cache() -> str:
+        """The later builds take as cache only the layers made since the cold build began: its
+        own. The machine's image store keeps layers of other builds, those of another version of
+        the Dockerfile among them; where several layers match a step, buildah takes one and does
+        not look back, so a rebuild could continue on another build's layers and miss a step the
+        Dockerfile changed since (as a first build after a change does). CI's store has no
+        other builds."""
+        return f"--cache-ttl={int(time.time() - cold_started) + 10}s"
+
     cached, _, printed = cold.step("--no-install-project")
     assert not cached and "Installed" in printed, printed
     base = standins.qualified(f"python:{combo.python_version}-slim")
@@ -211,7 +222,7 @@ def test_image(
     source = project.path / "src" / project.package / "api.py"
     # Unique to this run: a change an earlier run made is in the layer cache.
     source.write_text(source.read_text() + f"\n# a change to the code only: {uuid.uuid4()}\n")
-    rebuilt = build(podman, project, image, tmpdir=caches)
+    rebuilt = build(podman, project, image, own_cache(), tmpdir=caches)
     # The dependency layer comes from the cache (nothing installed); the code's steps do not.
     cached, _, printed = rebuilt.step("--no-install-project")
     assert cached and "Installed" not in printed, rebuilt.output[-4000:]
@@ -276,11 +287,13 @@ def test_image(
     figures |= drain(docker, project, image, f"drain-{combo.id}", tmp_path)
 
     if combo.python_version == DEPENDENCY_CHANGES:
-        dependency_changes(podman, project, image, caches)
+        dependency_changes(podman, project, image, caches, own_cache)
     report(request, "image", figures)
 
 
-def dependency_changes(podman: Podman, project: Generated, image: str, caches: Path) -> None:
+def dependency_changes(
+    podman: Podman, project: Generated, image: str, caches: Path, own_cache: Callable[[], str]
+) -> None:
     """What the dependencies stage makes changes, and the runtime stage copies the new
     virtualenv: podman keys a RUN by its command and the layer below, never by what it mounts
     (or the content of a bind-mounted file), so the lock reaches the dependencies' step by a
@@ -305,7 +318,7 @@ def dependency_changes(podman: Podman, project: Generated, image: str, caches: P
     edited = generated.replace("-name '*.pyi' -o ", "")
     assert edited != generated
     dockerfile.write_text(edited)
-    kept = build(podman, project, f"{image}-stubs", tmpdir=caches)
+    kept = build(podman, project, f"{image}-stubs", own_cache(), tmpdir=caches)
     copied_again(kept)
     assert int(in_image(f"{image}-stubs", stubs)) > 0
     podman("rmi", f"{image}-stubs")
@@ -324,7 +337,7 @@ def dependency_changes(podman: Podman, project: Generated, image: str, caches: P
     assert "PackageNotFoundError" in podman(
         "run", "--rm", "--network=none", "--entrypoint=sh", image, "-c", version, check=False
     ).stderr  # fmt: skip
-    relocked = build(podman, project, f"{image}-relocked", tmpdir=caches)
+    relocked = build(podman, project, f"{image}-relocked", own_cache(), tmpdir=caches)
     copied_again(relocked)
     locked = {p["name"]: p["version"] for p in tomllib.loads(project.read("uv.lock"))["package"]}
     assert in_image(f"{image}-relocked", version) == locked["iniconfig"]
