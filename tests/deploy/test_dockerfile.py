@@ -31,6 +31,10 @@ from .support import (
 pytestmark = pytest.mark.deploy
 
 
+VENV_DIGEST = "tar --sort=name -cf - -C /app .venv | sha256sum > /app/venv.sha256"
+VENV_MOUNT = "--mount=type=bind,from=dependencies,source=/app/.venv,target=/mnt/venv"
+
+
 def check_hadolint(dockerfile: Path) -> None:
     check_file([tool("hadolint"), "--no-color"], dockerfile)
 
@@ -68,6 +72,9 @@ def test_dockerfile_structure(generated: Callable[[Combo], Generated], combo: Co
     syncs = [n for n, (i, a) in enumerate(dependencies_stage) if "uv sync" in a]
     assert copied and syncs and copied[0] < syncs[0], dependencies_stage
     assert "strip --strip-unneeded" in dependencies
+    # The stage's last command writes the digest of the virtualenv as it is left (after strip
+    # and the deletions), the key of the runtime stage's copy of it.
+    assert " ".join(dependencies.split()).endswith(f"&& {VENV_DIGEST}"), dependencies
     service = " ".join(a for i, a in instructions[froms[3] : froms[4]] if i == "RUN")
     assert "uv pip install --no-deps --target /service ." in service
     # uv is mounted from its image where it runs, never copied into a layer.
@@ -79,8 +86,18 @@ def test_dockerfile_structure(generated: Callable[[Combo], Generated], combo: Co
     runtime_text = " ".join(a for _, a in runtime)
     for absent in ("uv sync", "apt-get", "build-essential", "gcc", "COPY src", "--from=uv"):
         assert absent not in runtime_text
-    copies = [a for i, a in runtime if i == "COPY"]
-    expected = ["--from=dependencies /app/.venv /app/.venv", "gunicorn.conf.py ./"]
+    # The virtualenv reaches the runtime stage by a RUN copying it from the dependencies stage
+    # mounted (podman hashes every file of a COPY --from at each build to key it), as root,
+    # right after a COPY of its digest (a RUN's cache is keyed by the layer below, not by what
+    # it mounts): not one build reuses a copy of another virtualenv.
+    venv_copy = ("COPY", "--from=dependencies /app/venv.sha256 /app/.venv/")
+    venv_run = ["RUN", VENV_MOUNT, "cp", "-a", "/mnt/venv/.", "/app/.venv/"]
+    at = runtime.index(venv_copy)
+    assert [runtime[at + 1][0], *runtime[at + 1][1].split()] == venv_run, runtime[at : at + 2]
+    assert at + 1 < next(n for n, (i, _) in enumerate(runtime) if i == "USER"), runtime
+    assert len([a for i, a in runtime if i == "RUN" and "--mount" in a]) == 1, runtime
+    copies = [a for i, a in runtime if i == "COPY" and (i, a) != venv_copy]
+    expected = ["gunicorn.conf.py ./"]
     if combo.postgres:
         expected += ["alembic.ini ./", "migrations ./migrations"]
     site_packages = f"/app/.venv/lib/python{combo.python_version}/site-packages/"
