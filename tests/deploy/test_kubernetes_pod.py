@@ -129,19 +129,13 @@ def build_image(project: Generated) -> Image:
     env["UV_PYTHON_DOWNLOADS"] = "never"
     if not (project.path / "uv.lock").exists():  # the `uv lock` the user runs once
         run([uv(), "lock", "--python", str(python)], cwd=project.path, env=env)
+    venv_mount = f"--mount=type=bind,from=dependencies,source={workdir}/.venv,target=/mnt/venv"
     for ins, args in runtime:
-        if ins != "COPY":
-            continue
         parts = args.split()
-        if parts[0] == "--from=service":
-            # The service's own files, installed by the build stage into /service: the sync
-            # below installs them where this copies them.
-            assert parts[1] == "/service" and parts[2].startswith(f"{workdir}/.venv/"), args
-            continue
-        if parts[0].startswith("--from="):
-            # The dependencies' virtualenv and the service, made as the builder stages make
-            # them.
-            assert parts[1:] == [f"{workdir}/.venv", f"{workdir}/.venv"], args
+        if ins == "RUN" and parts[0] == venv_mount:
+            # The dependencies' virtualenv (copied from the stage mounted) and the service, made
+            # as the builder stages make them.
+            assert parts[1:] == ["cp", "-a", "/mnt/venv/.", f"{workdir}/.venv/"], args
             run(
                 [
                     uv(),
@@ -157,6 +151,18 @@ def build_image(project: Generated) -> Image:
                 env={**env, "UV_PROJECT_ENVIRONMENT": str(app / ".venv")},
             )
             continue
+        if ins != "COPY":
+            continue
+        if parts[0] == "--from=service":
+            # The service's own files, installed by the build stage into /service: the sync
+            # above installs them where this copies them.
+            assert parts[1] == "/service" and parts[2].startswith(f"{workdir}/.venv/"), args
+            continue
+        if parts[0] == "--from=dependencies":
+            # The virtualenv's digest, which keys the copy above in the builder's cache.
+            assert parts[1:] == [f"{workdir}/venv.sha256", f"{workdir}/.venv/"], args
+            continue
+        assert not parts[0].startswith("--from="), args
         *sources, target = parts
         destination = app / target.removeprefix("./").removeprefix(workdir).lstrip("/")
         for source in sources:
