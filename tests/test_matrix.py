@@ -77,9 +77,15 @@ COMMON_FILES = [
     ".github/workflows/ci.yml",
 ]
 
-matrix = pytest.mark.parametrize(
-    "combo", [pytest.param(c, id=c.id, marks=pytest.mark.xdist_group(c.id)) for c in COMBOS]
-)
+
+def over(combos: list[Combo]) -> pytest.MarkDecorator:
+    """Parametrized by these combinations, each test on the xdist worker of its combination."""
+    return pytest.mark.parametrize(
+        "combo", [pytest.param(c, id=c.id, marks=pytest.mark.xdist_group(c.id)) for c in combos]
+    )
+
+
+matrix = over(COMBOS)
 
 
 def _files(project: Project) -> dict[str, str]:
@@ -161,13 +167,7 @@ def test_generated_test_suite_passes(
 
 
 @pytest.mark.project
-@pytest.mark.parametrize(
-    "combo",
-    [
-        pytest.param(c, id=c.id, marks=pytest.mark.xdist_group(c.id))
-        for c in (COMBOS[0], ALL_ENABLED["docker"])  # no feature at all; every feature
-    ],
-)
+@over([COMBOS[0], ALL_ENABLED["docker"]])  # no feature at all; every feature
 def test_fastapi_native_telemetry_is_off(copier_session: CopierFixture, combo: Combo) -> None:
     """The service's metrics, logs and spans are its own (main.py): with OpenTelemetry providers
     configured globally, as a distribution or an operator's injection does, FastAPI's native

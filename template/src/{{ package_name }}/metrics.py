@@ -177,9 +177,9 @@ class _InPlace:
             or len(buckets) != len(_BOUNDS)
         ):
             return None
-        values = [getattr(requests, "_value", None), getattr(latency, "_sum", None), *buckets]
-        writers = [writer for value in values if (writer := _FileValue.of(value)) is not None]
-        if len(writers) != len(values):
+        numbers = [getattr(requests, "_value", None), getattr(latency, "_sum", None), *buckets]
+        writers = [writer for number in numbers if (writer := _FileValue.of(number)) is not None]
+        if len(writers) != len(numbers):
             return None
         return cls(writers[0], writers[1], writers[2:])
 
