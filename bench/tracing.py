@@ -145,13 +145,10 @@ def tracing_layers(project: Path, env: dict[str, str], scratch: Path, *args: str
 
 def ours_only(project: Path, env: dict[str, str], scratch: Path) -> dict[str, float]:
     """Tracing off and the service's own span, unsampled and sampled, and what the span costs."""
-    figures: dict[str, float] = tracing_layers(project, env, scratch, "--ours-only")["results"][
-        "/api/v1/info"
-    ]
+    measured = tracing_layers(project, env, scratch, "--ours-only")
+    figures: dict[str, float] = measured["results"][PATH]
     for label in ("unsampled", "sampled"):
-        figures[f"cost, {label}"] = (
-            figures[f"ours, {label}"] - figures[f"tracing off, {label} header"]
-        )
+        figures[f"cost, {label}"] = measured["paired_cost"][PATH][f"ours, {label}"]
     figures["load"] = os.getloadavg()[0]
     return figures
 
