@@ -66,9 +66,7 @@ def _with_tracer(app: Any, module: Any, provider: Any) -> Any:
     return swapped
 
 
-async def _measure(
-    variants: dict[str, tuple[Any, bool]], path: str
-) -> dict[str, dict[str, float]]:
+async def _measure(variants: dict[str, tuple[Any, bool]], path: str) -> dict[str, dict[str, float]]:
     def scope(sampled: bool) -> dict[str, Any]:
         flags = b"01" if sampled else b"00"
         return {
