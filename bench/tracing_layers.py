@@ -37,8 +37,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 BATCHES = 40
 PER_BATCH = 200
 TRACE = "0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331"
-# What tracing.use() sets: the tracer, and what it knows of the sampler.
-_STATE = ("tracer", "_span_id_of_dropped")
+# What tracing.use() sets: the tracer, what it knows of the sampler and of the SDK's spans.
+_STATE = ("tracer", "_span_id_of_dropped", "_direct")
 
 
 class _Dropped(SpanExporter):
@@ -60,6 +60,7 @@ def _with_tracer(app: Any, module: Any, provider: Any) -> Any:
         try:
             await app(scope, receive, send)
         finally:
+            state.update((name, getattr(module, name)) for name in _STATE)  # what it learnt
             for name, value in saved.items():
                 setattr(module, name, value)
 
@@ -115,8 +116,11 @@ async def _measure(variants: dict[str, tuple[Any, bool]], path: str) -> dict[str
     if bad:
         raise SystemExit(f"{path}: not 200: {bad}")
     samples: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(BATCHES):
-        for name, (app, _) in variants.items():
+    order = list(variants.items())
+    for batch in range(BATCHES):
+        # Alternately forwards and backwards: what one variant leaves behind (garbage to
+        # collect) falls on each of its neighbours in turn.
+        for name, (app, _) in order if batch % 2 == 0 else order[::-1]:
             start = time.thread_time()
             for _ in range(PER_BATCH):
                 await asyncio.create_task(one(name, app, sends[name]))
