@@ -49,18 +49,19 @@ class _Dropped(SpanExporter):
 def _with_tracer(app: Any, module: Any, provider: Any) -> Any:
     """app, with the server spans made by provider's tracer (as tracing.start() sets it up) while
     it handles a request (one at a time); None: tracing off."""
+    names = [name for name in _STATE if hasattr(module, name)]  # (an older version: fewer)
     module.use(provider)
-    state = {name: getattr(module, name) for name in _STATE}
+    state = {name: getattr(module, name) for name in names}
     module.use(None)
 
     async def swapped(scope: Any, receive: Any, send: Any) -> None:
-        saved = {name: getattr(module, name) for name in _STATE}
+        saved = {name: getattr(module, name) for name in names}
         for name, value in state.items():
             setattr(module, name, value)
         try:
             await app(scope, receive, send)
         finally:
-            state.update((name, getattr(module, name)) for name in _STATE)  # what it learnt
+            state.update((name, getattr(module, name)) for name in names)  # what it learnt
             for name, value in saved.items():
                 setattr(module, name, value)
 
