@@ -128,8 +128,9 @@ async def _measure(variants: dict[str, tuple[Any, bool]], path: str) -> dict[str
             samples[name].append((time.thread_time() - start) / PER_BATCH * 1e6)
     percentile = {name: sorted(values)[len(values) // 10] for name, values in samples.items()}
     # Each variant's cost against tracing off with the same header, batch by batch (the two ran
-    # one after the other): the median of those differences, which a slow spell of the machine
-    # moves less than the difference of two percentiles.
+    # close together: one after the other with --ours-only, two or three batches apart
+    # otherwise): the median of those differences, which a slow spell of the machine moves
+    # less than the difference of two percentiles.
     paired = {}
     for name, values in samples.items():
         label = "sampled" if variants[name][1] else "unsampled"
