@@ -75,6 +75,25 @@ def service_env(directory: Path, **extra: str) -> dict[str, str | None]:
     }
 
 
+def settled(svc: Service, timeout: float = 30) -> tuple[Samples, float, int]:
+    """A scrape, the restarts it counts and the workers booted, once every worker the master
+    has reaped has its replacement booted. A worker that reached max_requests in the last batch
+    exits on uvicorn's next tick, possibly after the caller's checks: the master counts the
+    restart as it reaps it, and the replacement logs "Booting worker" a moment later. With no
+    request sent any more nothing else exits, so the two meet; a restart counted wrongly never
+    does, and the caller's assertion then shows both."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = scrape(svc)
+        restarts = samples[("gunicorn_worker_restarts_total", ())]
+        booted = sum(1 for line in svc.log_lines() if "Booting worker" in str(line.get("event")))
+        if restarts == booted - 2 and len(svc.worker_pids()) == 2:
+            return samples, restarts, booted
+        if time.monotonic() > deadline:
+            return samples, restarts, booted
+        time.sleep(0.1)
+
+
 def send(svc: Service, count: int) -> int:
     """count requests to ROUTE, one connection each: returns how many got a 200. A request
     counts once its response has ended: the worker records it before it closes the connection."""
@@ -104,15 +123,13 @@ def test_totals_exact_across_recycles_and_kills(project: Project, tmp_path: Path
             totals.append(route_total(scrape(svc)))
             most_files = max(most_files, len(list(directory.iterdir())))
         svc.wait_for_workers(2, startups=0)
-        samples = scrape(svc)
+        samples, restarts, booted = settled(svc)
         assert route_total(samples) == sent, (sent, totals)
         assert totals == sorted(totals), f"a total went backwards: {totals}"
-        # Every worker booted after the first two replaced one that exited.
-        booted = sum(1 for line in svc.log_lines() if "Booting worker" in str(line.get("event")))
-        restarts = samples[("gunicorn_worker_restarts_total", ())]
-        # The two kills, and at least one recycle (480 requests, 15 per worker's life). How many
-        # more depends on timing (uvicorn checks the limit on its tick, and a replacement boots
-        # while the other worker serves everything): 4 to 9 seen, so only the floor is certain.
+        # Every worker booted after the first two replaced one that exited. The two kills, and
+        # at least one recycle (480 requests, 15 per worker's life). How many more depends on
+        # timing (uvicorn checks the limit on its tick, and a replacement boots while the other
+        # worker serves everything): 4 to 9 seen, so only the floor is certain.
         assert restarts == booted - 2 >= 3, (restarts, booted)
         # Per live worker: a counter, a histogram and two gauge files; and two archives. A
         # worker starting while another is reaped may briefly make it three sets.
