@@ -6,12 +6,15 @@ Sentry, tracing) from the working tree (and at GIT_REF, side by side), starts it
 `gunicorn.conf.py` against throwaway PostgreSQL and Redis servers, a Sentry DSN (nothing listens
 there: the client and its transport are set up, no event is sent) and an OTLP endpoint (a
 loopback sink that answers 200: every request's spans are exported), sends each server 60
-requests per worker on fresh connections (`/health/ready`, which uses the database pool and
-Redis, and `/api/v1/info`), and reads `/proc/PID/smaps_rollup` of the master and each worker:
+pairs of requests per worker on fresh connections (`/health/ready`, which uses the database pool
+and Redis, and `/api/v1/info`), and reads `/proc/PID/smaps_rollup` of the master and each worker:
 RSS, PSS (shared pages divided among the processes sharing them) and USS (pages of the process'
-own: Private_Clean + Private_Dirty). Prints a Markdown table of the medians over the workers,
-with where a worker's own pages are (`/proc/PID/smaps` by mapping: the heap, anonymous maps,
-files).
+own: Private_Clean + Private_Dirty). Then it goes on to 2,000 pairs per worker and reads them
+again: the steady state, where what a worker holds for a while has reached its high-water mark
+(the span queue between two exports of 512 spans, the pools), read once more after 500 pairs
+fewer to show it flat. Prints a Markdown table of the medians over the workers, early and
+steady, with where a worker's own pages are (`/proc/PID/smaps` by mapping: the heap, anonymous
+maps, files). `--tracing-off`: no OTLP endpoint (tracing rendered, off).
 
 Start (`--starts N`, 0 to skip): one worker, from starting gunicorn to the first 200 from
 `/health/ready` (the service: PostgreSQL and Redis checked) and from `/health/live` (the bare
@@ -51,6 +54,8 @@ from .tracing import sink
 
 ANSWERS = {"postgres": True, "redis": True, "sentry": True, "tracing": True}
 WORKERS = (1, 4, 8)
+# Pairs of requests per worker before each reading: early, then steady (and FLAT pairs before).
+EARLY, STEADY, FLAT = 60, 2000, 500
 FIELDS = {"Rss": "rss", "Pss": "pss", "Private_Clean": "uss", "Private_Dirty": "uss"}
 
 
@@ -137,20 +142,31 @@ def measure(project: Path, env: dict[str, str], workers: int, logs: Path) -> dic
         deadline = time.monotonic() + 60
         while len(children(proc.pid)) < workers and time.monotonic() < deadline:
             time.sleep(0.1)
-        for _ in range(60 * workers):
-            _get(port, "/health/ready")
-            _get(port, "/api/v1/info")
-        time.sleep(1)
-        pids = children(proc.pid)
-        per_worker = [smaps_rollup(pid) for pid in pids]
-        by_mapping = [private_by_mapping(pid) for pid in pids]
-        master = smaps_rollup(proc.pid)
+        readings = {}
+        sent = 0
+        for pairs in (EARLY, STEADY - FLAT, STEADY):  # per worker
+            for _ in range((pairs - sent) * workers):
+                _get(port, "/health/ready")
+                _get(port, "/api/v1/info")
+            sent = pairs
+            time.sleep(1)
+            readings[pairs] = _reading(proc.pid)
+    if len({tuple(reading["pids"]) for reading in readings.values()}) != 1:
+        # max_requests is 10,000 (+ jitter) requests: 2,000 pairs stay below it.
+        raise SystemExit(f"{project.name}: a worker was replaced while it was measured")
+    return {"early": readings[EARLY], "flat": readings[STEADY - FLAT], "steady": readings[STEADY]}
+
+
+def _reading(master: int) -> dict[str, Any]:
+    pids = sorted(children(master))
+    per_worker = [smaps_rollup(pid) for pid in pids]
+    by_mapping = [private_by_mapping(pid) for pid in pids]
     kinds = sorted({kind for w in by_mapping for kind in w})
     return {
-        "workers": len(pids),
+        "pids": pids,
         "worker": {k: statistics.median(w[k] for w in per_worker) for k in ("rss", "pss", "uss")},
         "private": {k: statistics.median(w.get(k, 0) for w in by_mapping) for k in kinds},
-        "master": master,
+        "master": smaps_rollup(master),
     }
 
 
@@ -200,6 +216,7 @@ def main() -> None:
     parser.add_argument(
         "--workers", type=int, nargs="*", default=list(WORKERS), help="worker counts measured"
     )
+    parser.add_argument("--tracing-off", action="store_true", help="no OTLP endpoint")
     args = parser.parse_args()
     scratch = OUT / "memory"
     logs = scratch / "logs"
@@ -219,7 +236,8 @@ def main() -> None:
     with postgres_server() as pg, redis_server() as redis, sink() as endpoint:
         env = server_env(pg.create_database("bench"), redis.url())
         env["SENTRY_DSN"] = "http://public@127.0.0.1:9/1"
-        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = endpoint
+        if not args.tracing_off:
+            env["OTEL_EXPORTER_OTLP_ENDPOINT"] = endpoint
         if args.starts:
             log("start: gunicorn start to the first 200, the service(s) and the bare app in turn")
             starts = start_times(projects, env, args.starts, logs)
@@ -240,17 +258,28 @@ def main() -> None:
                 f"{s['ratio']:.2f}x ({s['ratio_spread'][0]:.2f} to {s['ratio_spread'][1]:.2f}) |"
             )
     print()
-    print("| template | workers | worker RSS | worker PSS | worker USS | master RSS | master USS |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(
+        f"| template | workers | worker PSS / USS after {EARLY} pairs | after {STEADY - FLAT} | "
+        f"after {STEADY} (steady) | worker RSS (steady) | master RSS | master USS |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+
+    def pss_uss(reading: dict[str, Any]) -> str:
+        return f"{reading['worker']['pss'] / 1024:.1f} / {reading['worker']['uss'] / 1024:.1f} MiB"
+
     for name, workers, result in rows:
-        w, m = result["worker"], result["master"]
+        steady, m = result["steady"], result["steady"]["master"]
         print(
-            f"| {name} | {workers} | {w['rss'] / 1024:.1f} MiB | {w['pss'] / 1024:.1f} MiB | "
-            f"{w['uss'] / 1024:.1f} MiB | {m['rss'] / 1024:.1f} MiB | {m['uss'] / 1024:.1f} MiB |"
+            f"| {name} | {workers} | {pss_uss(result['early'])} | {pss_uss(result['flat'])} | "
+            f"**{pss_uss(steady)}** | {steady['worker']['rss'] / 1024:.1f} MiB | "
+            f"{m['rss'] / 1024:.1f} MiB | {m['uss'] / 1024:.1f} MiB |"
         )
-    print("\nA worker's own pages by mapping (medians over the workers):\n")
+    print("\nA worker's own pages by mapping (medians over the workers), early -> steady:\n")
     for name, workers, result in rows:
-        parts = ", ".join(f"{k} {v / 1024:.1f} MiB" for k, v in result["private"].items())
+        early, steady = result["early"]["private"], result["steady"]["private"]
+        parts = ", ".join(
+            f"{k} {early.get(k, 0) / 1024:.1f} -> {v / 1024:.1f} MiB" for k, v in steady.items()
+        )
         print(f"- {name}, {workers} workers: {parts}")
 
 
