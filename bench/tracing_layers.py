@@ -14,6 +14,11 @@ tracing off as the median of the batch-by-batch differences ("paired_cost").
 
 `python tracing_layers.py --ours-only PATH`: tracing off and the service's own span alone
 (`python -m bench.tracing --compare GIT_REF` runs it in two projects, alternately).
+
+`--export-to URL` (an OTLP/HTTP endpoint in another process): also the CPU of the whole process
+per sampled request with the service's own exporter (`tracing.exporter()`) posting every span
+there, the request's thread and the export thread together, in batches of 512 (the SDK's
+default) and of 64, against tracing off.
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 BATCHES = 40
+# Exported: rounds (alternating) of requests, each round ending with every span exported.
+EXPORT_ROUNDS, EXPORT_PER_ROUND = 6, 2000
+EXPORT_BATCH_SIZES = (512, 64)
 PER_BATCH = 200
 TRACE = "0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331"
 # What tracing.use() sets: the tracer, what it knows of the sampler and of the SDK's spans.
@@ -141,6 +149,46 @@ async def _measure(variants: dict[str, tuple[Any, bool]], path: str) -> dict[str
     return {"percentile": percentile, "paired": paired}
 
 
+async def _exported(apps: dict[str, tuple[Any, TracerProvider | None]], path: str) -> Any:
+    """CPU microseconds of the whole process per sampled request, each round's spans exported
+    before it ends: the median of the rounds, for each app (and its provider)."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "server": ("127.0.0.1", 8000),
+        "client": ("127.0.0.1", 50000),
+        "scheme": "http",
+        "method": "GET",
+        "root_path": "",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": [(b"host", b"127.0.0.1:8000"), (b"traceparent", f"00-{TRACE}-01".encode())],
+    }
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    samples: dict[str, list[float]] = {name: [] for name in apps}
+    order = list(apps.items())
+    for round_ in range(EXPORT_ROUNDS + 1):  # the first warms up
+        for name, (app, provider) in order if round_ % 2 == 0 else order[::-1]:
+            start = time.process_time()
+            for _ in range(EXPORT_PER_ROUND):
+                await asyncio.create_task(
+                    app(dict(scope, headers=list(scope["headers"])), receive, send)
+                )
+            if provider is not None:
+                provider.force_flush()
+            if round_:
+                samples[name].append((time.process_time() - start) / EXPORT_PER_ROUND * 1e6)
+    return {name: sorted(values)[len(values) // 2] for name, values in samples.items()}
+
+
 def _encode_cost(app_spans: list[ReadableSpan]) -> float:
     """CPU microseconds per span of the OTLP/protobuf encoding the exporter does per batch."""
     from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
@@ -156,7 +204,13 @@ def _encode_cost(app_spans: list[ReadableSpan]) -> float:
 
 def main() -> None:
     ours_only = "--ours-only" in sys.argv
-    paths = [arg for arg in sys.argv[1:] if arg != "--ours-only"]
+    args = [arg for arg in sys.argv[1:] if arg != "--ours-only"]
+    export_to = None
+    if "--export-to" in args:
+        at = args.index("--export-to")
+        export_to = args[at + 1]
+        del args[at : at + 2]
+    paths = args
     from my_service import tracing
     from my_service.main import create_app
 
@@ -203,11 +257,26 @@ def main() -> None:
     app = create_app()
     run(_measure({"kept": (_with_tracer(app, tracing, kept), True)}, paths[0]))
     spans = list(memory.get_finished_spans())[-10:]
-    print(
-        json.dumps(
-            {"results": results, "paired_cost": paired, "encode_us_per_span": _encode_cost(spans)}
-        )
-    )
+    figures = {"results": results, "paired_cost": paired, "encode_us_per_span": _encode_cost(spans)}
+    if export_to:
+        import os
+
+        os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = export_to  # what tracing.exporter() reads
+        exporting: dict[str, tuple[Any, TracerProvider | None]] = {
+            "tracing off": (_with_tracer(create_app(), tracing, None), None)
+        }
+        for size in EXPORT_BATCH_SIZES:
+            provider = TracerProvider()
+            provider.add_span_processor(
+                BatchSpanProcessor(tracing.exporter(), max_export_batch_size=size)
+            )
+            app = _with_tracer(create_app(), tracing, provider)
+            exporting[f"sampled, batches of {size}"] = (app, provider)
+        figures["exported_process_cpu_us"] = run(_exported(exporting, paths[0]))
+        for _, provider in exporting.values():
+            if provider is not None:
+                provider.shutdown()
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":
