@@ -52,14 +52,27 @@ _IN_FLIGHT = Gauge(
     "HTTP requests being handled now (sampled at most half a second ago).",
     multiprocess_mode="livesum",  # summed over the live workers
 )
-READY = Gauge(
-    "service_ready",
-    "1 if the last /health/ready answer was 200, else 0 (the lowest over the live workers).",
-    multiprocess_mode="livemin",
-)
+# service_ready: made by this process' first /health/ready answer (record_readiness). A gauge's
+# series exists, at 0, from the moment the gauge does (under gunicorn, from a worker's first
+# metric): made at import, it said "not ready" for every worker that nobody had asked.
+_ready: Gauge | None = None
 
 # How long the in-flight gauge may lag behind the count.
 PUBLISH_DELAY = 0.5
+
+
+def record_readiness(ready: bool) -> None:
+    """The answer /health/ready just gave, as service_ready: 1 or 0. No series until a worker
+    has answered it once, so that a worker nothing asks reports nothing rather than 0."""
+    global _ready
+    if _ready is None:
+        _ready = Gauge(
+            "service_ready",
+            "1 if the last /health/ready answer was 200, else 0 (the lowest over the live "
+            "workers that have answered one).",
+            multiprocess_mode="livemin",
+        )
+    _ready.set(1 if ready else 0)
 
 
 class InFlight:
