@@ -10,11 +10,12 @@ import os
 import random
 import re
 import secrets
+import signal
 import string
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,39 @@ def test_totals_exact_across_recycles_and_kills(project: Project, tmp_path: Path
         assert samples[("gunicorn_workers", ())] == 2
         # Not on the service's port.
         assert http_request(svc.port, "GET", "/metrics").status == 404
+
+
+@pytest.mark.boot
+@pytest.mark.xdist_group(COMBO.id)
+def test_a_reload_restarts_no_worker(project: Project, tmp_path: Path) -> None:
+    """A reload (HUP) replaces every worker: the master's doing, no restart (the alert on
+    restarts would fire on every `systemctl reload`); a worker killed after it still counts."""
+    with serve(project, service_env(tmp_path / "metrics"), tmp_path) as svc:
+        old = svc.wait_for_workers(2)
+        os.kill(svc.process.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while svc.worker_pids() & old or len(svc.worker_pids()) != 2:
+            assert time.monotonic() < deadline, svc.log_path.read_text()[-4000:]
+            time.sleep(0.1)
+        svc.wait_for_workers(2, startups=4)
+        # The old workers reaped (the master folds each as it reaps it): none counted.
+        assert restarts_once(svc, lambda samples: samples[("gunicorn_workers", ())] == 2) == 0
+        send(svc, 4)
+        svc.kill_serving_worker()
+        # Counted as the master reaps it, just after it logs the kill.
+        assert restarts_once(svc, lambda samples: restarts_of(samples) >= 1) == 1
+
+
+def restarts_of(samples: Samples) -> float:
+    return samples[("gunicorn_worker_restarts_total", ())]
+
+
+def restarts_once(svc: Service, condition: Callable[[Samples], bool]) -> float:
+    """The restarts a scrape counts, once a scrape meets condition (else the last one's)."""
+    deadline = time.monotonic() + 15
+    while not condition(samples := scrape(svc)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return restarts_of(samples)
 
 
 @pytest.mark.boot

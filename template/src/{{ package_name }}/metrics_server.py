@@ -46,6 +46,8 @@ class MasterMetrics:
         self.lock = threading.Lock()
         self.archives: dict[str, MmapedDict] = {}
         self.restarts = 0
+        # Workers a reload (HUP) replaces: their exits are the master's doing, not restarts.
+        self.retired: set[int] = set()
 
     def collect(self) -> Iterable[Metric]:
         with self.lock:
@@ -63,15 +65,26 @@ class MasterMetrics:
             ),
             CounterMetricFamily(
                 "gunicorn_worker_restarts",
-                "Worker processes that exited and were replaced: crashes, kills, timeouts, "
-                "max_requests recycling, reloads.",
+                "Worker processes that exited on their own and were replaced: crashes, kills, "
+                "timeouts, max_requests recycling (not the workers a reload or the master's "
+                "shutdown stops).",
                 value=self.restarts,
             ),
         ]
 
-    def worker_exited(self, pid: int) -> None:
+    def retiring(self, pids: Iterable[int]) -> None:
+        """Workers the master is about to stop and replace itself (a reload)."""
         with self.lock:
-            self.restarts += 1
+            self.retired.update(pids)
+
+    def worker_exited(self, pid: int, stopping: bool = False) -> None:
+        """Fold a reaped worker's files; a restart unless the master stopped it (a reload it
+        was told of, or the master's own shutdown: `stopping`)."""
+        with self.lock:
+            if pid in self.retired:
+                self.retired.discard(pid)
+            elif not stopping:
+                self.restarts += 1
             mark_process_dead(pid, str(self.directory))
             for path in self.directory.glob(f"*_{pid}.db"):
                 kind = path.name.split("_", 1)[0]
@@ -110,9 +123,14 @@ def start(arbiter: Any, directory: Path, bind: str) -> None:
         raise SystemExit(f"METRICS_BIND={bind}: cannot listen there: {exc.strerror}") from None
 
 
-def worker_exited(pid: int) -> None:
+def reloading(pids: Iterable[int]) -> None:
     if _master is not None:
-        _master.worker_exited(pid)
+        _master.retiring(pids)
+
+
+def worker_exited(pid: int, stopping: bool) -> None:
+    if _master is not None:
+        _master.worker_exited(pid, stopping)
 
 
 def stop() -> None:
