@@ -28,7 +28,7 @@ import httpx
 import pytest
 import yaml
 
-from ..drills_support import report
+from ..drills_support import OtlpReceiver, otlp_receiver, report
 from ..helpers import (
     ALL_ENABLED,
     Combo,
@@ -426,6 +426,13 @@ def assert_real_ip_from_a_trusted_balancer(
         assert line.startswith("203.0.113.9 "), line
 
 
+@pytest.fixture
+def otlp() -> Iterator[OtlpReceiver]:
+    """A loopback OTLP endpoint taking the service's spans (tracing on)."""
+    with otlp_receiver() as receiver:
+        yield receiver
+
+
 @pytest.mark.boot
 @pytest.mark.xdist_group("deploy-live-docker")
 def test_nginx_in_front_of_the_container(
@@ -433,6 +440,7 @@ def test_nginx_in_front_of_the_container(
     certificates: Callable[[str], Path],
     postgres: Postgres,
     redis: Redis,
+    otlp: OtlpReceiver,
     tmp_path: Path,
 ) -> None:
     """The service booted as the image would boot it (Dockerfile ENV and CMD, compose's env_file
@@ -459,6 +467,8 @@ def test_nginx_in_front_of_the_container(
         "BIND": f"127.0.0.1:{port}",
         "METRICS_BIND": f"127.0.0.1:{free_port()}",
     }
+    assert combo.tracing
+    env["OTEL_EXPORTER_OTLP_ENDPOINT"] = otlp.endpoint
 
     migrate = compose["services"]["migrate"]["command"]
     run([str(bin_dir / migrate[0]), *migrate[1:]], cwd=project.path, env=env)
@@ -486,6 +496,35 @@ def test_nginx_in_front_of_the_container(
         )
         with running_nginx(sandbox):
             assert_through_nginx(project, sandbox, certificate, service)
+            assert_trace_context_stops_at_nginx(project, sandbox, certificate, service, port)
+
+
+def assert_trace_context_stops_at_nginx(
+    project: Generated, sandbox: NginxSandbox, certificate: Path, service: Service, port: int
+) -> None:
+    """Tracing on (an endpoint set): a client's sampled traceparent does not reach the service
+    through nginx, which starts a trace of its own; a caller that reaches the service directly
+    continues its trace."""
+    caller = uuid.uuid4().hex
+    headers = {"Host": project.domain, "traceparent": f"00-{caller}-b7ad6b7169203331-01"}
+    with https_client(sandbox, certificate, "127.0.0.2") as client:
+        request_id = f"traced-{uuid.uuid4().hex}"
+        answer = client.get(
+            "/api/v1/info",
+            headers={**headers, "X-Request-ID": request_id},
+            extensions={"sni_hostname": project.domain},
+        )
+        assert answer.status_code == 200, answer.text
+    through_nginx = service.access_line(request_id).get("trace_id")
+    assert through_nginx not in (None, caller), through_nginx
+    request_id = f"direct-{uuid.uuid4().hex}"
+    answer = httpx.get(
+        f"http://127.0.0.1:{port}/api/v1/info",
+        headers={**headers, "X-Request-ID": request_id},
+        timeout=10,
+    )
+    assert answer.status_code == 200, answer.text
+    assert service.access_line(request_id)["trace_id"] == caller
 
 
 @pytest.mark.boot
