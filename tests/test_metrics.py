@@ -175,6 +175,28 @@ def restarts_once(svc: Service, condition: Callable[[Samples], bool]) -> float:
 
 @pytest.mark.boot
 @pytest.mark.xdist_group(COMBO.id)
+def test_a_binary_upgrade_leaves_the_running_masters_counts(
+    project: Project, tmp_path: Path
+) -> None:
+    """USR2 (gunicorn's binary upgrade) starts a second master from the first, with the
+    metrics directory the operator named (PROMETHEUS_MULTIPROC_DIR), and it cannot take
+    METRICS_BIND from the first: it exits, and the running master counts on, whole (the second
+    master emptied the directory, the first's, in use: every count was lost)."""
+    with serve(project, service_env(tmp_path / "metrics"), tmp_path) as svc:
+        svc.wait_for_workers(2)
+        sent = send(svc, 20)
+        os.kill(svc.process.pid, signal.SIGUSR2)
+        # Its last words (SystemExit's, on stderr: not a JSON line).
+        deadline = time.monotonic() + 60
+        while "cannot listen there" not in svc.log_path.read_text():
+            assert time.monotonic() < deadline, svc.log_path.read_text()[-3000:]
+            time.sleep(0.1)
+        sent += send(svc, 20)
+        assert route_total(scrape(svc)) == sent == 40
+
+
+@pytest.mark.boot
+@pytest.mark.xdist_group(COMBO.id)
 def test_a_scan_of_unknown_paths_adds_no_series(project: Project, tmp_path: Path) -> None:
     with serve(project, service_env(tmp_path / "metrics"), tmp_path) as svc:
         # One unknown path per method label: the series a scan could add, added once.
