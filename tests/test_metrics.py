@@ -144,7 +144,8 @@ def test_totals_exact_across_recycles_and_kills(project: Project, tmp_path: Path
 @pytest.mark.xdist_group(COMBO.id)
 def test_a_reload_restarts_no_worker(project: Project, tmp_path: Path) -> None:
     """A reload (HUP) replaces every worker: the master's doing, no restart (the alert on
-    restarts would fire on every `systemctl reload`); a worker killed after it still counts."""
+    restarts would fire on every `systemctl reload`); a worker killed after it still counts,
+    one that TTOU stops does not."""
     with serve(project, service_env(tmp_path / "metrics"), tmp_path) as svc:
         old = svc.wait_for_workers(2)
         os.kill(svc.process.pid, signal.SIGHUP)
@@ -159,6 +160,9 @@ def test_a_reload_restarts_no_worker(project: Project, tmp_path: Path) -> None:
         svc.kill_serving_worker()
         # Counted as the master reaps it, just after it logs the kill.
         assert restarts_once(svc, lambda samples: restarts_of(samples) >= 1) == 1
+        # TTOU: one worker fewer, stopped by the master: no restart either.
+        os.kill(svc.process.pid, signal.SIGTTOU)
+        assert restarts_once(svc, lambda samples: samples[("gunicorn_workers", ())] == 1) == 1
 
 
 def restarts_of(samples: Samples) -> float:

@@ -46,7 +46,7 @@ class MasterMetrics:
         self.lock = threading.Lock()
         self.archives: dict[str, MmapedDict] = {}
         self.restarts = 0
-        # Workers a reload (HUP) replaces: their exits are the master's doing, not restarts.
+        # Workers the master stops itself (a reload, TTOU): their exits are no restarts.
         self.retired: set[int] = set()
 
     def collect(self) -> Iterable[Metric]:
@@ -66,20 +66,20 @@ class MasterMetrics:
             CounterMetricFamily(
                 "gunicorn_worker_restarts",
                 "Worker processes that exited on their own and were replaced: crashes, kills, "
-                "timeouts, max_requests recycling (not the workers a reload or the master's "
-                "shutdown stops).",
+                "timeouts, max_requests recycling (not the workers a reload, TTOU or the "
+                "master's shutdown stops).",
                 value=self.restarts,
             ),
         ]
 
     def retiring(self, pids: Iterable[int]) -> None:
-        """Workers the master is about to stop and replace itself (a reload)."""
+        """Workers the master is about to stop itself (a reload, TTOU)."""
         with self.lock:
             self.retired.update(pids)
 
     def worker_exited(self, pid: int, stopping: bool = False) -> None:
-        """Fold a reaped worker's files; a restart unless the master stopped it (a reload it
-        was told of, or the master's own shutdown: `stopping`)."""
+        """Fold a reaped worker's files; a restart unless the master stopped it (a reload or
+        TTOU it was told of, or the master's own shutdown: `stopping`)."""
         with self.lock:
             if pid in self.retired:
                 self.retired.discard(pid)
@@ -123,7 +123,8 @@ def start(arbiter: Any, directory: Path, bind: str) -> None:
         raise SystemExit(f"METRICS_BIND={bind}: cannot listen there: {exc.strerror}") from None
 
 
-def reloading(pids: Iterable[int]) -> None:
+def retiring(pids: Iterable[int]) -> None:
+    """Workers the master is about to stop itself (a reload, TTOU): no restarts."""
     if _master is not None:
         _master.retiring(pids)
 
