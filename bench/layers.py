@@ -58,8 +58,10 @@ def _swapping(app: Any, module: Any, steps: tuple[Any, Any]) -> Any:
     return swapped
 
 
-async def _measure(apps: dict[str, Any], path: str) -> dict[str, float]:
-    scope = {
+def http_scope(path: str, *headers: tuple[bytes, bytes]) -> dict[str, Any]:
+    """The ASGI scope of `GET path` as uvicorn makes it, with a client's usual headers (and
+    these)."""
+    return {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.3"},
         "http_version": "1.1",
@@ -71,8 +73,17 @@ async def _measure(apps: dict[str, Any], path: str) -> dict[str, float]:
         "path": path,
         "raw_path": path.encode(),
         "query_string": b"",
-        "headers": [(b"host", b"127.0.0.1:8000"), (b"user-agent", b"bench"), (b"accept", b"*/*")],
+        "headers": [
+            (b"host", b"127.0.0.1:8000"),
+            (b"user-agent", b"bench"),
+            (b"accept", b"*/*"),
+            *headers,
+        ],
     }
+
+
+async def _measure(apps: dict[str, Any], path: str) -> dict[str, float]:
+    scope = http_scope(path)
     statuses: dict[str, int] = {}
 
     async def receive() -> dict[str, Any]:

@@ -30,6 +30,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from layers import http_scope  # beside this file, which the project's Python runs as a script
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
@@ -47,6 +48,10 @@ PER_BATCH = 200
 TRACE = "0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331"
 # What tracing.use() sets: the tracer, what it knows of the sampler and of the SDK's spans.
 _STATE = ("tracer", "_span_id_of_dropped", "_direct")
+
+
+def _traceparent(sampled: bool) -> tuple[bytes, bytes]:
+    return (b"traceparent", f"00-{TRACE}-{'01' if sampled else '00'}".encode())
 
 
 class _Dropped(SpanExporter):
@@ -78,26 +83,7 @@ def _with_tracer(app: Any, module: Any, provider: Any) -> Any:
 
 async def _measure(variants: dict[str, tuple[Any, bool]], path: str) -> dict[str, dict[str, float]]:
     def scope(sampled: bool) -> dict[str, Any]:
-        flags = b"01" if sampled else b"00"
-        return {
-            "type": "http",
-            "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": "1.1",
-            "server": ("127.0.0.1", 8000),
-            "client": ("127.0.0.1", 50000),
-            "scheme": "http",
-            "method": "GET",
-            "root_path": "",
-            "path": path,
-            "raw_path": path.encode(),
-            "query_string": b"",
-            "headers": [
-                (b"host", b"127.0.0.1:8000"),
-                (b"user-agent", b"bench"),
-                (b"accept", b"*/*"),
-                (b"traceparent", b"00-" + TRACE.encode() + b"-" + flags),
-            ],
-        }
+        return http_scope(path, _traceparent(sampled))
 
     statuses: dict[str, int] = {}
 
@@ -152,20 +138,7 @@ async def _measure(variants: dict[str, tuple[Any, bool]], path: str) -> dict[str
 async def _exported(apps: dict[str, tuple[Any, TracerProvider | None]], path: str) -> Any:
     """CPU microseconds of the whole process per sampled request, each round's spans exported
     before it ends: the median of the rounds, for each app (and its provider)."""
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "server": ("127.0.0.1", 8000),
-        "client": ("127.0.0.1", 50000),
-        "scheme": "http",
-        "method": "GET",
-        "root_path": "",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "headers": [(b"host", b"127.0.0.1:8000"), (b"traceparent", f"00-{TRACE}-01".encode())],
-    }
+    scope = http_scope(path, _traceparent(sampled=True))
 
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": b"", "more_body": False}

@@ -92,7 +92,17 @@ def _files(project: Project) -> dict[str, str]:
     out = {}
     for path in project.path.rglob("*"):
         rel = path.relative_to(project.path).as_posix()
-        skipped = (".venv/", ".git/", "gunicorn-", ".mypy_cache", ".ruff_cache", ".pytest_cache")
+        # What other tests of the same project leave: its virtualenv and lock (`uv sync`, in
+        # whatever order the tests run), servers' logs, the tools' caches.
+        skipped = (
+            ".venv/",
+            "uv.lock",
+            ".git/",
+            "gunicorn-",
+            ".mypy_cache",
+            ".ruff_cache",
+            ".pytest_cache",
+        )
         if path.is_file() and not rel.startswith(skipped) and "__pycache__" not in rel:
             out[rel] = path.read_text(errors="replace")
     return out
