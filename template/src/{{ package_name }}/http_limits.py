@@ -8,18 +8,22 @@ wrong. `LimitedHttpToolsProtocol` bounds what is buffered while the request head
 longest head the three limits allow) and checks the three limits once the head is complete,
 before the application sees the request: a longer request target is answered 414, too many or
 too long header fields 431. Like every other error, the answer is JSON with a request id, and the
-log line of the refusal carries the same id.
+log line of the refusal carries the same id. Each refusal is counted in the request metrics
+(route `unmatched`), as is uvicorn's 400 for a request it cannot parse.
 
 gunicorn.conf.py installs it in each worker (`post_worker_init`) with the configured limits.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any, ClassVar
 
 import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from .metrics import record_refused
 
 # After a refusal, what the client still sends is read and dropped for up to this long before
 # the connection closes: closing with unread data would reset the connection, and the client
@@ -43,7 +47,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0  # at least the size of the request head being read
         self._chunk_bytes = 0  # the size of the chunk of data being parsed
         self._refused = False
-        self._deferred_refusal: tuple[int, str] | None = None
+        self._deferred_refusal: tuple[int, str, str | None] | None = None
+        # When the parser began the request being read (None: not yet), for the metrics'
+        # latency of a refusal.
+        self._head_started: float | None = None
         # The limits are set once per worker, before it serves (post_worker_init).
         self._max_head_bytes = self.max_head_bytes()
 
@@ -60,14 +67,15 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             + 2
         )
 
-    def _refuse(self, status: int, detail: str) -> None:
+    def _refuse(self, status: int, detail: str, method: str | None = None) -> None:
+        """Refuse the request being read; `method` once its head has been read."""
         self._refused = True
         if self.cycle is not None and not self.cycle.response_complete:
             # Pipelined behind a request still being answered: answered in turn, once the
             # requests before it are (on_response_complete).
-            self._deferred_refusal = (status, detail)
+            self._deferred_refusal = (status, detail, method)
         else:
-            self._answer_refusal(status, detail)
+            self._answer_refusal(status, detail, method)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -77,7 +85,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             if not self.transport.is_closing():
                 self._answer_refusal(*deferred)
 
-    def _answer_refusal(self, status: int, detail: str) -> None:
+    def _answer_refusal(self, status: int, detail: str, method: str | None) -> None:
+        record_refused(method, status, self._started())
         request_id = uuid.uuid4().hex
         body = orjson.dumps({"detail": detail, "request_id": request_id})
         head = [STATUS_LINE[status]]
@@ -125,6 +134,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         if not self._refused:
+            record_refused(None, 400, self._started())
             super().send_400_response(msg)
 
     def handle_websocket_upgrade(self) -> None:
@@ -137,14 +147,24 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     # refusal the parser may still report what followed in the same chunk of data: it is ignored
     # (the connection is closing).
 
+    def _started(self) -> float:
+        """When the request being refused began (now, if the parser had not begun it)."""
+        return time.perf_counter() if self._head_started is None else self._head_started
+
+    def on_message_begin(self) -> None:
+        self._head_started = time.perf_counter()
+        super().on_message_begin()
+
     def on_headers_complete(self) -> None:
         if self._refused:
             return
         self._in_head = False
         if self.limit_request_line and len(self.url) > self.limit_request_line:
-            self._refuse(414, "URI Too Long")
+            self._refuse(414, "URI Too Long", self.parser.get_method().decode("latin-1"))
         elif self.limit_request_fields and len(self.headers) > self.limit_request_fields:
-            self._refuse(431, "Too many request header fields")
+            self._refuse(
+                431, "Too many request header fields", self.parser.get_method().decode("latin-1")
+            )
         elif (
             self.limit_request_field_size
             # No field is longer than the whole head: most requests skip the loop.
@@ -154,7 +174,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 for name, value in self.headers
             )
         ):
-            self._refuse(431, "Request header field too large")
+            self._refuse(
+                431, "Request header field too large", self.parser.get_method().decode("latin-1")
+            )
         else:
             super().on_headers_complete()
 
@@ -168,4 +190,5 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # The next request's head may already be in this chunk (pipelining): counting the whole
         # chunk keeps _head_bytes an upper bound of that head's size.
         self._in_head, self._head_bytes = True, self._chunk_bytes
+        self._head_started = None
         super().on_message_complete()

@@ -3,7 +3,10 @@
 Requests are counted per route template (`/api/v1/items/{item_id}`, never the raw path), method
 and status, with their latency and the number in flight; readiness is the last answer of
 `/health/ready`. A path that matches no route is counted under the one label `unmatched`, and a
-method outside the usual ones under `other`: a scan of random paths or methods adds no series.
+method outside the usual ones under `other`: a scan of random paths or methods adds no series. A
+request the HTTP layer refuses before the application sees it (http_limits.py: a request line or
+header over gunicorn's limits, 414 or 431; a request the server cannot parse, 400) is counted
+under `unmatched` too.
 
 Under gunicorn each worker writes its values to files of its own in PROMETHEUS_MULTIPROC_DIR
 (prometheus_client's multiprocess mode, chosen when it is imported); the master sums them and
@@ -263,9 +266,22 @@ def record_request(scope: Scope, status: int, start: float) -> None:
     )
     series = _series.get(key)
     if series is None:
-        route_label, method_label, _ = key
-        series = _series[key] = _series_of(
-            REQUESTS.labels(route_label, method_label, str(status)),
-            LATENCY.labels(route_label, method_label),
-        )
+        series = _new_series(key)
     series.record(duration)
+
+
+def record_refused(method: str | None, status: int, start: float) -> None:
+    """Count a request the HTTP layer refused before the application saw it (http_limits.py:
+    414, 431, and the server's 400 for a request it cannot parse), under `unmatched`, with its
+    method when its head was read far enough to have one (else `other`)."""
+    duration = time.perf_counter() - start
+    key = (UNMATCHED, method if method in METHODS else OTHER_METHOD, status)
+    (_series.get(key) or _new_series(key)).record(duration)
+
+
+def _new_series(key: tuple[str, str, int]) -> _InPlace | _Series:
+    route, method, status = key
+    series = _series[key] = _series_of(
+        REQUESTS.labels(route, method, str(status)), LATENCY.labels(route, method)
+    )
+    return series
