@@ -53,8 +53,18 @@ def test_rules_check_and_pass_their_tests(
         ("ratio_rate5m > 0.05", "ratio_rate5m > 0.5"),  # the error alert never fires
         ("/ 10000 + 3", "/ 100 + 3"),  # restarts blamed on max_requests
         ('service_ready{job="my-service"}) == 0', 'service_ready{job="other"}) == 0'),
+        # Each alert on a healthy service: it would fire there.
+        ('gunicorn_workers{job="my-service"} <', 'gunicorn_workers{job="my-service"} <='),
+        # The instance without requests left out of the comparison: no alert there.
+        ('or on (job, instance) 0 * gunicorn_worker_restarts_total{job="my-service"}', ""),
     ],
-    ids=["error-threshold", "restart-allowance", "readiness-job"],
+    ids=[
+        "error-threshold",
+        "restart-allowance",
+        "readiness-job",
+        "workers-missing-when-all-there",
+        "restarts-unseen-without-requests",
+    ],
 )
 def test_a_broken_rule_fails_its_tests(
     generated: Callable[[Combo], Generated],
