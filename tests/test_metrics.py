@@ -319,6 +319,8 @@ def test_the_guides_scrape_config_and_the_rules_meet_the_real_metrics(
     assert [Path(f).name for f in config["rule_files"]] == [rules.name]
     with serve(project, service_env(tmp_path / "metrics"), tmp_path) as svc:
         svc.wait_for_workers(2)
+        # The guide's discovery (Docker's DNS, or a static target) replaced by the service here.
+        job.pop("dns_sd_configs", None)
         job["static_configs"] = [{"targets": [f"127.0.0.1:{svc.metrics_port}"]}]
         config["rule_files"] = [str(rules)]
         config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
