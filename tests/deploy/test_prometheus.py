@@ -113,3 +113,17 @@ def test_the_docker_guides_prometheus_scrapes_each_app_container(
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     checked = promtool("check", "config", "prometheus.yml", cwd=tmp_path)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+@pytest.mark.parametrize("combo", params(DOCKER[:1]))
+def test_the_docker_guide_never_publishes_the_apps_metrics_port(
+    generated: Callable[[Combo], Generated], combo: Combo
+) -> None:
+    """A host port published under `app` is held by the running container: the one
+    deploy/rollout.sh starts beside it cannot take it, does not start, and the deploy fails
+    (Docker: "Bind for 10.0.0.5:8001 failed: port is already allocated"). What the guide
+    publishes for a Prometheus elsewhere is another service's port."""
+    project = generated(combo)
+    published = re.findall(r'`ports: \["([^"]+)"\]` under `(\w+)`', metrics_section(project))
+    assert published, "the guide says how a Prometheus elsewhere reaches the metrics"
+    assert all(service != "app" for _, service in published), published
