@@ -1,6 +1,7 @@
 """Prometheus metrics of running generated services (issue 13): exact totals across gunicorn
 workers however they die, a bounded number of metric files, no series from unknown paths, the
-endpoint on its own port, and a real Prometheus server reading the totals back."""
+endpoint on its own port, and a real Prometheus server reading the totals back; the guide's
+scrape configuration with the shipped rules, against the metrics the service really exports."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from pytest_copier import CopierFixture
 
 from .helpers import COMBOS, free_port, started
@@ -229,19 +231,11 @@ def prometheus_query(port: int, query: str) -> list[dict[str, object]]:
     return body["data"]["result"]  # type: ignore[no-any-return]
 
 
-@pytest.fixture
-def prometheus(tmp_path: Path) -> Iterator[tuple[int, Path]]:
-    """Debian's Prometheus server on a free port, scraping what `targets` lists every second."""
+@contextlib.contextmanager
+def prometheus_server(tmp_path: Path, config: str) -> Iterator[int]:
+    """Debian's Prometheus server on a free port with the given configuration: its port."""
     port = free_port()
-    targets = tmp_path / "targets.json"
-    targets.write_text("[]")
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-        "scrape_configs:\n"
-        "  - job_name: my-service\n"
-        "    file_sd_configs: [{files: ['" + str(targets) + "'], refresh_interval: 1s}]\n"
-    )
+    (tmp_path / "prometheus.yml").write_text(config)
 
     def ready() -> bool:
         try:
@@ -252,11 +246,26 @@ def prometheus(tmp_path: Path) -> Iterator[tuple[int, Path]]:
 
     cmd = [
         "prometheus",
-        f"--config.file={config}",
+        f"--config.file={tmp_path / 'prometheus.yml'}",
         f"--storage.tsdb.path={tmp_path / 'data'}",
         f"--web.listen-address=127.0.0.1:{port}",
     ]
     with started(cmd, tmp_path, os.environ, tmp_path / "prometheus.log", ready, timeout=60):
+        yield port
+
+
+@pytest.fixture
+def prometheus(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """Debian's Prometheus server on a free port, scraping what `targets` lists every second."""
+    targets = tmp_path / "targets.json"
+    targets.write_text("[]")
+    config = (
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        "  - job_name: my-service\n"
+        "    file_sd_configs: [{files: ['" + str(targets) + "'], refresh_interval: 1s}]\n"
+    )
+    with prometheus_server(tmp_path, config) as port:
         yield port, targets
 
 
@@ -291,3 +300,65 @@ def test_prometheus_reads_exact_totals(
         # Never backwards as Prometheus saw it: no counter reset across the kill.
         resets = prometheus_query(port, f"resets(http_requests_total{{route='{ROUTE}'}}[5m])")
         assert all(float(r["value"][1]) == 0 for r in resets), resets  # type: ignore[index]
+
+
+@pytest.mark.drills
+@pytest.mark.xdist_group(COMBO.id)
+def test_the_guides_scrape_config_and_the_rules_meet_the_real_metrics(
+    project: Project, tmp_path: Path
+) -> None:
+    """The scrape configuration deploy/README.md gives (its target set to the service's metrics
+    port) with the shipped rules, in a real Prometheus: it scrapes the service; every metric the
+    rules read exists under the job they select, with the labels they aggregate by; the
+    recording rules have values; and no alert is even pending on the healthy service."""
+    guide = (project.path / "deploy" / "README.md").read_text().split("\n## Metrics\n")[1]
+    blocks = re.findall(r"```yaml\n(.*?)```", guide.split("\n## ")[0], re.S)
+    (config,) = [yaml.safe_load(b) for b in blocks if "scrape_configs" in b]
+    (job,) = config["scrape_configs"]
+    rules = project.path / "deploy" / "prometheus" / f"{job['job_name']}.rules.yml"
+    assert [Path(f).name for f in config["rule_files"]] == [rules.name]
+    with serve(project, service_env(tmp_path / "metrics"), tmp_path) as svc:
+        svc.wait_for_workers(2)
+        # The guide's discovery (Docker's DNS, or a static target) replaced by the service here.
+        job.pop("dns_sd_configs", None)
+        job["static_configs"] = [{"targets": [f"127.0.0.1:{svc.metrics_port}"]}]
+        config["rule_files"] = [str(rules)]
+        config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+        with prometheus_server(tmp_path, yaml.safe_dump(config)) as port:
+            deadline = time.monotonic() + 30
+            while not prometheus_query(port, f'up{{job="{job["job_name"]}"}} == 1'):
+                assert time.monotonic() < deadline, "Prometheus never scraped the service"
+                time.sleep(0.2)
+            assert svc.get("/health/ready").status == 200  # service_ready: made by an answer
+            sent = send(svc, 20)
+            # Every metric the rules read, with the labels they use.
+            text = rules.read_text()
+            wanted = {
+                "http_requests_total": {"route", "method", "status"},
+                "http_request_duration_seconds_bucket": {"route", "le"},
+                "service_ready": set(),
+                "gunicorn_worker_restarts_total": set(),
+                "gunicorn_workers": set(),
+                "gunicorn_workers_wanted": set(),
+            }
+            assert set(re.findall(r"([a-z_]+)\{job=", text)) == set(wanted)
+            records = re.findall(r"record: (\S+)", text)
+            total = f'sum(http_requests_total{{route="{ROUTE}", status="200"}})'
+            deadline = time.monotonic() + 30
+            while True:
+                missing = [
+                    name
+                    for name, labels in wanted.items()
+                    if not any(
+                        labels <= set(series["metric"])
+                        for series in prometheus_query(port, f'{name}{{job="{job["job_name"]}"}}')
+                    )
+                ]
+                # The error ratio has no value without a 5xx: the service gave none.
+                empty = [r for r in records if "5xx" not in r and not prometheus_query(port, r)]
+                served = [float(r["value"][1]) for r in prometheus_query(port, total)]  # type: ignore[index]
+                if (not (missing or empty) and served == [sent]) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            assert not missing and not empty and served == [sent], (missing, empty, served, sent)
+            assert prometheus_query(port, "ALERTS") == []

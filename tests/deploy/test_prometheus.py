@@ -1,17 +1,20 @@
 """The Prometheus rules (deploy/prometheus/): `promtool check rules` accepts them and
 `promtool test rules` passes the unit tests the project ships with them; a copy with a broken
-threshold fails those tests."""
+threshold fails those tests. The docker guide's scrape configuration: accepted by Prometheus,
+each app container a target of its own."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ..helpers import COMBOS, Combo
-from .support import Generated, check, params, tool
+from .support import DOCKER, Generated, check, params, tool
 
 pytestmark = pytest.mark.deploy
 
@@ -53,8 +56,18 @@ def test_rules_check_and_pass_their_tests(
         ("ratio_rate5m > 0.05", "ratio_rate5m > 0.5"),  # the error alert never fires
         ("/ 10000 + 3", "/ 100 + 3"),  # restarts blamed on max_requests
         ('service_ready{job="my-service"}) == 0', 'service_ready{job="other"}) == 0'),
+        # Each alert on a healthy service: it would fire there.
+        ('gunicorn_workers{job="my-service"} <', 'gunicorn_workers{job="my-service"} <='),
+        # The instance without requests left out of the comparison: no alert there.
+        ('or on (job, instance) 0 * gunicorn_worker_restarts_total{job="my-service"}', ""),
     ],
-    ids=["error-threshold", "restart-allowance", "readiness-job"],
+    ids=[
+        "error-threshold",
+        "restart-allowance",
+        "readiness-job",
+        "workers-missing-when-all-there",
+        "restarts-unseen-without-requests",
+    ],
 )
 def test_a_broken_rule_fails_its_tests(
     generated: Callable[[Combo], Generated],
@@ -71,3 +84,46 @@ def test_a_broken_rule_fails_its_tests(
     assert promtool("check", "rules", rules.name, cwd=rules.parent).returncode == 0
     tested = promtool("test", "rules", f"{project.slug}.rules.test.yml", cwd=rules.parent)
     assert tested.returncode != 0 and "FAILED" in tested.stdout + tested.stderr, tested.stdout
+
+
+def metrics_section(project: Generated) -> str:
+    guide = (project.path / "deploy" / "README.md").read_text()
+    return guide.split("\n## Metrics\n")[1].split("\n## ")[0]
+
+
+@pytest.mark.parametrize("combo", params(DOCKER))
+def test_the_docker_guides_prometheus_scrapes_each_app_container(
+    generated: Callable[[Combo], Generated], combo: Combo, tmp_path: Path
+) -> None:
+    """deploy/rollout.sh runs the new app container beside the old one: a static `app:8001`
+    target then reaches either, at random (Docker's DNS shuffles the two addresses, and the
+    metrics endpoint closes each connection, so every scrape resolves the name again), under one
+    instance: counters flip between the two and read as resets. Each container must be a target
+    of its own, found in Docker's DNS; Prometheus accepts the configuration and its rules."""
+    project = generated(combo)
+    blocks = re.findall(r"```yaml\n(.*?)```", metrics_section(project), re.S)
+    (config,) = [c for c in map(yaml.safe_load, blocks) if "scrape_configs" in c]
+    compose = yaml.safe_load((project.path / "compose.yaml").read_text())
+    port = int(compose["services"]["app"]["environment"]["METRICS_BIND"].rsplit(":", 1)[1])
+    (job,) = config["scrape_configs"]
+    assert job["job_name"] == project.slug  # the job the rules select
+    assert "static_configs" not in job, job
+    assert job["dns_sd_configs"] == [{"names": ["app"], "type": "A", "port": port}]
+    config["rule_files"] = [str(rules_dir(project) / Path(f).name) for f in config["rule_files"]]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    checked = promtool("check", "config", "prometheus.yml", cwd=tmp_path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+@pytest.mark.parametrize("combo", params(DOCKER[:1]))
+def test_the_docker_guide_never_publishes_the_apps_metrics_port(
+    generated: Callable[[Combo], Generated], combo: Combo
+) -> None:
+    """A host port published under `app` is held by the running container: the one
+    deploy/rollout.sh starts beside it cannot take it, does not start, and the deploy fails
+    (Docker: "Bind for 10.0.0.5:8001 failed: port is already allocated"). What the guide
+    publishes for a Prometheus elsewhere is another service's port."""
+    project = generated(combo)
+    published = re.findall(r'`ports: \["([^"]+)"\]` under `(\w+)`', metrics_section(project))
+    assert published, "the guide says how a Prometheus elsewhere reaches the metrics"
+    assert all(service != "app" for _, service in published), published

@@ -71,9 +71,12 @@ def record_readiness(ready: bool) -> None:
     if _ready is None:
         _ready = Gauge(
             "service_ready",
-            "1 if the last /health/ready answer was 200, else 0 (the lowest over the live "
-            "workers that have answered one).",
-            multiprocess_mode="livemin",
+            "1 if the last /health/ready answer was 200, else 0 (the latest answer of any live "
+            "worker).",
+            # The latest answer, whichever worker gave it: the lowest over the workers kept the
+            # 503 of a worker not asked since an outage (an uptime check's keep-alive connection
+            # lands on one worker), and the service stayed "not ready" once ready again.
+            multiprocess_mode="livemostrecent",
         )
     _ready.set(1 if ready else 0)
 
