@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from ..helpers import COMBOS, Combo
-from .support import DOCKER, Generated, check, params, tool
+from .support import DOCKER, KUBERNETES, Generated, check, params, tool
 
 pytestmark = pytest.mark.deploy
 
@@ -54,6 +54,8 @@ def test_rules_check_and_pass_their_tests(
     ("original", "broken"),
     [
         ("ratio_rate5m > 0.05", "ratio_rate5m > 0.5"),  # the error alert never fires
+        # The probes counted: they dilute the error ratio below the threshold.
+        ('{job="my-service", route!~"/health/.*"}', '{job="my-service"}'),
         ("/ 10000 + 3", "/ 100 + 3"),  # restarts blamed on max_requests
         ('service_ready{job="my-service"}) == 0', 'service_ready{job="other"}) == 0'),
         # Each alert on a healthy service: it would fire there.
@@ -63,6 +65,7 @@ def test_rules_check_and_pass_their_tests(
     ],
     ids=[
         "error-threshold",
+        "probes-counted",
         "restart-allowance",
         "readiness-job",
         "workers-missing-when-all-there",
@@ -113,6 +116,43 @@ def test_the_docker_guides_prometheus_scrapes_each_app_container(
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     checked = promtool("check", "config", "prometheus.yml", cwd=tmp_path)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+@pytest.mark.parametrize("combo", params(KUBERNETES[:1]))
+def test_the_kubernetes_guides_prometheus_scrapes_each_pod_as_the_rules_expect(
+    generated: Callable[[Combo], Generated], combo: Combo
+) -> None:
+    """The rules select the job named after the project: a generic annotation-driven job would
+    name the series after itself and no rule would ever match. The guide's job keeps the
+    project's pods, on the port the Deployment names `metrics` (METRICS_BIND's). Checked by its
+    structure: Debian's Prometheus is built without Kubernetes discovery, and its promtool
+    refuses `kubernetes_sd_configs` as an unknown field."""
+    project = generated(combo)
+    blocks = re.findall(r"```yaml\n(.*?)```", metrics_section(project), re.S)
+    (config,) = [c for c in map(yaml.safe_load, blocks) if "scrape_configs" in c]
+    (job,) = config["scrape_configs"]
+    assert job["job_name"] == project.slug
+    manifests = project.path / "deploy" / "kubernetes"
+    deployment = yaml.safe_load((manifests / "deployment.yaml").read_text())
+    pod = deployment["spec"]["template"]
+    assert job["kubernetes_sd_configs"] == [
+        {"role": "pod", "namespaces": {"names": [deployment["metadata"]["namespace"]]}}
+    ]
+    ports = {p["name"]: p["containerPort"] for c in pod["spec"]["containers"] for p in c["ports"]}
+    configmap = yaml.safe_load((manifests / "configmap.yaml").read_text())
+    assert ports["metrics"] == int(configmap["data"]["METRICS_BIND"].rsplit(":", 1)[1])
+    kept = {
+        rule["source_labels"][0]: rule["regex"]
+        for rule in job["relabel_configs"]
+        if rule.get("action") == "keep"
+    }
+    assert kept == {
+        "__meta_kubernetes_pod_annotation_prometheus_io_scrape": "true",
+        "__meta_kubernetes_pod_container_port_name": "metrics",
+    }
+    assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    assert config["rule_files"] == [f"{project.slug}.rules.yml"]
+    assert (rules_dir(project) / f"{project.slug}.rules.yml").is_file()
 
 
 @pytest.mark.parametrize("combo", params(DOCKER[:1]))
