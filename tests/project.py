@@ -21,6 +21,9 @@ _WORKDIR = Path(tempfile.mkdtemp(prefix="tpl-matrix-"))
 class Project:
     combo: Combo
     path: Path
+    # uv's resolution: "highest" (what a new project gets), or "lowest-direct" (every direct
+    # dependency at the floor pyproject.toml declares).
+    resolution: str = "highest"
     synced: bool = False
     _sync_error: str | None = field(default=None, repr=False)
 
@@ -29,7 +32,8 @@ class Project:
         return self.path / ".venv" / "bin"
 
     def sync(self) -> None:
-        """`uv sync` with the combination's Python (once); raises with uv's output on failure."""
+        """`uv sync` with the combination's Python and the project's resolution (once); raises
+        with uv's output on failure."""
         if self._sync_error:
             raise AssertionError(self._sync_error)
         if self.synced:
@@ -37,7 +41,14 @@ class Project:
         if not UV.exists():
             raise AssertionError(f"{UV} missing: run `bash scripts/test`, which installs uv")
         proc = run(
-            [str(UV), "sync", "--python", str(python_for(self.combo.python_version))],
+            [
+                str(UV),
+                "sync",
+                "--resolution",
+                self.resolution,
+                "--python",
+                str(python_for(self.combo.python_version)),
+            ],
             cwd=self.path,
             check=False,
         )
@@ -59,11 +70,12 @@ class Project:
 _projects: dict[str, Project] = {}
 
 
-def project_for(copier: CopierFixture, combo: Combo) -> Project:
-    if combo.id not in _projects:
-        path = render(copier, _WORKDIR / combo.id, combo.answers)
-        _projects[combo.id] = Project(combo, path)
-    return _projects[combo.id]
+def project_for(copier: CopierFixture, combo: Combo, resolution: str = "highest") -> Project:
+    key = combo.id if resolution == "highest" else f"{combo.id}-{resolution}"
+    if key not in _projects:
+        path = render(copier, _WORKDIR / key, combo.answers)
+        _projects[key] = Project(combo, path, resolution)
+    return _projects[key]
 
 
 def expected_workers(combo: Combo) -> int:

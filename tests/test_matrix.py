@@ -10,6 +10,7 @@ import json
 import re
 import secrets
 import signal
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -187,6 +188,89 @@ def test_fastapi_native_telemetry_is_off(copier_session: CopierFixture, combo: C
     probe = Path(__file__).with_name("native_telemetry_probe.py")
     out = project.tool("python", str(probe), "my_service")
     assert json.loads(out.splitlines()[-1]) == []
+
+
+# The floors' check: every feature, on the newest Python (the oldest releases of a library may
+# have no wheel for it). Its own xdist group: its rendering and virtualenv are its own.
+FLOORS = ALL_ENABLED["kubernetes"]
+FLOOR_RE = re.compile(r"([A-Za-z0-9_.-]+)(?:\[[a-z,]+\])?>=([0-9][0-9a-z.]*)")
+
+
+def _release(version: str) -> tuple[tuple[int, ...], str]:
+    """The release without trailing zeros (0.4 and 0.4.0 alike) and what follows it (b2)."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)*)(.*)", version)
+    assert match, version
+    numbers = [int(part) for part in match[1].split(".")]
+    while len(numbers) > 1 and numbers[-1] == 0:
+        numbers.pop()
+    return tuple(numbers), match[2]
+
+
+@pytest.mark.project
+@pytest.mark.parametrize(
+    "combo",
+    [pytest.param(FLOORS, id=f"{FLOORS.id}-floors", marks=pytest.mark.xdist_group("floors"))],
+)
+def test_passes_at_the_dependency_floors(
+    copier_session: CopierFixture, combo: Combo, postgres: Postgres, redis: Redis
+) -> None:
+    """Each direct dependency (the dev group's too) at the lower bound pyproject.toml declares,
+    as uv's lowest-direct resolution installs them and as a user's other constraints may: the
+    project is lint- and type-clean, its tests pass and it boots under gunicorn, ready."""
+    project = project_for(copier_session, combo, resolution="lowest-direct")
+    pyproject = tomllib.loads((project.path / "pyproject.toml").read_text())
+    declared = [*pyproject["project"]["dependencies"], *pyproject["dependency-groups"]["dev"]]
+    floors = {}
+    for requirement in declared:
+        match = FLOOR_RE.fullmatch(requirement)
+        assert match, f"{requirement!r}: not a plain lower bound, which this check reads"
+        floors[match[1]] = match[2]
+    project.sync()
+    installed = json.loads(
+        project.tool(
+            "python",
+            "-c",
+            "import importlib.metadata as m, json, sys;"
+            "print(json.dumps({n: m.version(n) for n in sys.argv[1:]}))",
+            *floors,
+        )
+    )
+    # A floor uv cannot install (no wheel for the Python, a conflict) it silently raises.
+    above = {
+        name: (floor, installed[name])
+        for name, floor in floors.items()
+        if _release(installed[name]) != _release(floor)
+    }
+    assert not above, f"installed above their floors: {above}"
+
+    project.tool("ruff", "check", "--no-cache", ".")
+    project.tool("ruff", "format", "--check", "--no-cache", ".")
+    project.tool("mypy", "--strict")
+
+    env = {"TEST_DATABASE_URL": postgres.url("postgres"), "TEST_REDIS_URL": redis.url(61)}
+    dotenv = project.path / ".env"
+    hidden = dotenv.rename(project.path / ".env.hidden-for-ci")
+    try:
+        output = project.tool("pytest", "-q", "-p", "no:cacheprovider", env=env)
+    finally:
+        hidden.rename(dotenv)
+    assert re.search(r"\d+ passed", output), output
+    assert "skipped" not in output, output
+
+    env_boot: dict[str, str | None] = {
+        "ENVIRONMENT": "production",
+        "SECRET_KEY": secrets.token_urlsafe(48),
+        "LOG_FORMAT": None,
+        "WEB_CONCURRENCY": None,
+        "DATABASE_URL": postgres.url("postgres"),
+        "REDIS_URL": redis.url(63),
+    }
+    with serve(project, env_boot) as server:
+        status, _, body = http_get(server.base_url + "/health/ready")
+        assert status == 200, body
+        assert json.loads(body)["checks"] == {"postgres": "ok", "redis": "ok"}
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=40) == 0
 
 
 @pytest.mark.boot
