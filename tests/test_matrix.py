@@ -143,6 +143,26 @@ def test_tree_matches_answers(copier_session: CopierFixture, combo: Combo) -> No
     assert (project.path / ".python-version").read_text().strip() == combo.python_version
 
 
+@pytest.mark.generate
+@over([c for c in COMBOS if c.tracing])
+def test_readme_names_every_otel_variable_the_service_reads(
+    copier_session: CopierFixture, combo: Combo
+) -> None:
+    """The generated README's tracing section names each OTEL_* variable that tracing.py reads by
+    name (e.g. the CA file of an https:// collector, checked at start), so an operator learns it
+    exists, and where it goes in the deployment, without reading the code."""
+    project = project_for(copier_session, combo)
+    read = set(
+        re.findall(r'"(OTEL_[A-Z_]+)"', (project.path / "src/my_service/tracing.py").read_text())
+    )
+    assert "OTEL_EXPORTER_OTLP_CERTIFICATE" in read, (
+        "the variables are no longer named in tracing.py"
+    )
+    readme = (project.path / "README.md").read_text()
+    missing = sorted(name for name in read if f"`{name}" not in readme)
+    assert not missing, f"README.md does not name {missing}"
+
+
 @pytest.mark.lint
 @matrix
 def test_ruff_and_mypy_strict(copier_session: CopierFixture, combo: Combo) -> None:

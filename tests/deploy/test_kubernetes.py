@@ -195,12 +195,27 @@ def required_settings(project: Generated) -> set[str]:
     }
 
 
+# Secrets the service does not read as settings: the OpenTelemetry SDK reads its headers (often
+# the collector's API key) from the environment. Optional: in the Secret when `.env` sets them.
+OPTIONAL_SECRETS = {"tracing": {"OTEL_EXPORTER_OTLP_HEADERS"}}
+
+
+def optional_secrets(project: Generated) -> set[str]:
+    return {
+        name
+        for feature, names in OPTIONAL_SECRETS.items()
+        for name in names
+        if getattr(project.combo, feature)
+    }
+
+
 def secret_settings(project: Generated) -> set[str]:
-    """The SecretStr fields of settings.py: what belongs in the Secret."""
+    """The SecretStr fields of settings.py, and the optional secrets of the enabled features:
+    what belongs in the Secret."""
     text = project.read(f"src/{project.package}/settings.py")
     return {
         n.upper() for n in re.findall(r"^    ([a-z_]+): (?:SecretStr|DatabaseUrl)\b", text, re.M)
-    }
+    } | optional_secrets(project)
 
 
 def guide_secret_keys(project: Generated) -> set[str]:
