@@ -134,7 +134,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         if not self._refused:
-            record_refused(None, 400, self._started())
+            if self._in_head:
+                # Counted here only when no request was handed to the application: one whose
+                # body fails to parse (a malformed chunk) is counted by the application's
+                # middleware, as it answered it.
+                record_refused(None, 400, self._started())
             super().send_400_response(msg)
 
     def handle_websocket_upgrade(self) -> None:
