@@ -164,11 +164,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return
         self._in_head = False
         if self.limit_request_line and len(self.url) > self.limit_request_line:
-            self._refuse(414, "URI Too Long", self.parser.get_method().decode("latin-1"))
+            refusal = (414, "URI Too Long")
         elif self.limit_request_fields and len(self.headers) > self.limit_request_fields:
-            self._refuse(
-                431, "Too many request header fields", self.parser.get_method().decode("latin-1")
-            )
+            refusal = (431, "Too many request header fields")
         elif (
             self.limit_request_field_size
             # No field is longer than the whole head: most requests skip the loop.
@@ -178,11 +176,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 for name, value in self.headers
             )
         ):
-            self._refuse(
-                431, "Request header field too large", self.parser.get_method().decode("latin-1")
-            )
+            refusal = (431, "Request header field too large")
         else:
             super().on_headers_complete()
+            return
+        self._refuse(*refusal, self.parser.get_method().decode("latin-1"))
 
     def on_body(self, body: bytes) -> None:
         if not self._refused:
